@@ -1,0 +1,136 @@
+"""The ``vitray`` command line.
+
+Exit codes: 0 success, 2 bad usage or config (the message names the field or file), 1 runtime failure.
+Heavy imports (torch, ray) happen inside the command that needs them, so ``vitray --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+__all__ = ["main", "UsageError"]
+
+
+class UsageError(Exception):
+    """Bad usage or input the user can fix: printed as one line, exit code 2."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", metavar="CONFIG.yaml", nargs=None if required else "?", help="run config (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=3 (repeatable)")
+
+
+def _load(args, *, check: bool = True):
+    from vitray.config import check_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return check_config(cfg) if check else cfg
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def cmd_config(args) -> int:
+    from vitray.config import dump_config
+
+    cfg = _load(args, check=not args.no_check)
+    text = dump_config(cfg, args.output)
+    if args.output:
+        print(f"resolved config written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_models_zoo(args) -> int:
+    from vitray.models import VITRAY_MODELS, list_zoo, model_info
+
+    names = [n for n in list_zoo() if not args.vitray_only or n in VITRAY_MODELS]
+    if args.filter:
+        names = [n for n in names if args.filter in n]
+    header = f"{'name':<36} {'img':>4} {'patch':>5} {'dim':>5} {'depth':>5} {'params(M)':>10} {'GFLOPs':>8} {'GMACs':>7}  source"
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        info = model_info(name)
+        src = "vitray" if name in VITRAY_MODELS else "timm"
+        print(f"{name:<36} {info.img_size:>4} {info.patch_size:>5} {info.embed_dim:>5} {info.depth:>5} "
+              f"{info.params / 1e6:>10.2f} {info.gflops:>8.2f} {info.gmacs:>7.2f}  {src}")
+    print(f"\n{len(names)} models; GFLOPs = forward FLOPs per image at the default size (a multiply-add counts 2, "
+          "so GMACs = GFLOPs / 2, the figure timm and the ViT/DeiT papers quote)")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    from vitray.quickstart import run_quickstart
+
+    return run_quickstart(home=args.home, overrides=args.overrides)
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitray",
+        description="Pretrain, fine-tune, track, serve and batch-score Vision Transformers on Ray.",
+        epilog="Exit codes: 0 success, 2 bad usage or config, 1 runtime failure.",
+    )
+    from vitray import __version__
+
+    parser.add_argument("--version", action="version", version=f"vitray {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("quickstart", help="end-to-end demo on the embedded defaults (local Ray, sqlite MLflow, bundled data)")
+    p.add_argument("--home", default=None, help="where the demo writes (default: $VITRAY_HOME or ~/.vitray)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the quickstart config")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("config", help="validate a config and print it resolved (every default filled in) as YAML")
+    _add_config_args(p)
+    p.add_argument("--output", "-o", default=None, help="write the resolved YAML here instead of stdout")
+    p.add_argument("--no-check", action="store_true", help="schema only: skip the model-name and file checks")
+    p.set_defaults(func=cmd_config)
+
+    models = sub.add_parser("models", help="model zoo and registry").add_subparsers(dest="models_command", metavar="ACTION")
+    models.required = True
+    p = models.add_parser("zoo", help="buildable architectures with parameters and GFLOPs")
+    p.add_argument("--vitray-only", action="store_true", help="only vitray's small-image configs")
+    p.add_argument("--filter", default=None, help="substring the name must contain")
+    p.set_defaults(func=cmd_models_zoo)
+    return parser
+
+
+def _run(func: Callable, args) -> int:
+    from vitray.config import ConfigError
+
+    try:
+        return int(func(args) or 0)
+    except (ConfigError, UsageError) as err:
+        print(f"vitray: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `vitray models zoo | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("vitray: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, no traceback
+        from vitray.models import CheckpointError, UnknownModelError
+
+        if isinstance(err, (CheckpointError, UnknownModelError)):
+            print(f"vitray: error: {err}", file=sys.stderr)
+            return 2
+        if "VITRAY_DEBUG" in __import__("os").environ:
+            raise
+        print(f"vitray: failed: {type(err).__name__}: {err} (set VITRAY_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _run(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

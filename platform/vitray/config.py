@@ -1,0 +1,354 @@
+"""One typed config for a whole vitray run.
+
+The schema is a tree of pydantic models, one per section (``model``, ``data``, ``train``, ``deepspeed``,
+``cluster``, ``tracking``, ``serve``, ``score``). Every section forbids unknown keys, so a typo fails at load
+with its dotted path instead of being silently ignored. The same object flows from the YAML file (plus
+``--set a.b=c`` overrides) to every component, and the resolved config is written back as YAML next to the
+checkpoints and logged to MLflow.
+
+This module is a leaf: it imports neither torch nor any other vitray module, so tools that only render
+manifests (``vitray.deploy``) can read a config without the training stack. Checks that need the model
+registry or the filesystem live in :func:`check_config`, which callers that are about to build a model run.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError", "RunConfig", "load_config", "parse_config", "apply_overrides", "dump_config",
+    "check_config", "vitray_home", "is_model_uri",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. ``str(err)`` is the message the CLI prints (exit code 2)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = errors or [message]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelConfig(_Section):
+    name: str = Field("vit_tiny_patch4_32", description="timm ViT/DeiT name or a vitray-registered name")
+    num_classes: int = Field(10, ge=0, description="0 builds a backbone without classifier")
+    img_size: int | None = Field(None, gt=0, description="input size; default: the architecture's own")
+    in_chans: int = Field(3, gt=0)
+    pos_embed: Literal["learned", "sincos"] = "learned"
+    global_pool: Literal["token", "avg"] = "token"
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_checkpointing: bool = False
+    checkpoint: str | None = Field(None, description="init weights: a .pth/.bin/.safetensors file or a models:/ runs:/ URI")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class TrainTransforms(_Section):
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    randaugment: str | None = Field(None, description="timm RandAugment spec, e.g. 'rand-m9-mstd0.5-inc1'")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        for name in ("scale", "ratio"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi):
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got ({lo}, {hi})")
+        if self.scale[1] > 1.0:
+            raise ValueError(f"scale high must be <= 1.0, got {self.scale[1]}")
+        return self
+
+
+class EvalTransforms(_Section):
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0)
+
+
+class DataConfig(_Section):
+    path: str | None = Field(None, description="packed shards (folder with manifest.json) or a raw source")
+    format: Literal["shards", "webdataset", "parquet", "imagefolder"] = "shards"
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = Field(64, gt=0, description="micro batch per worker")
+    eval_batch_size: int | None = Field(None, gt=0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+    train_transforms: TrainTransforms = TrainTransforms()
+    eval_transforms: EvalTransforms = EvalTransforms()
+    mixup: float = Field(0.0, ge=0.0, description="Mixup alpha; 0 disables")
+    cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha; 0 disables")
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels are refused (decompression bombs)")
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------- train
+class EmaConfig(_Section):
+    enabled: bool = False
+    decay: float = Field(0.9998, gt=0.0, lt=1.0)
+
+
+class DistillationConfig(_Section):
+    teacher: str | None = Field(None, description="teacher weights: a file or models:/ URI; None disables")
+    teacher_model: str | None = Field(None, description="timm name of the teacher when `teacher` is a file")
+    kind: Literal["auto", "hard", "soft"] = "auto"
+    alpha: float = Field(0.5, ge=0.0, le=1.0)
+    tau: float = Field(1.0, gt=0.0)
+
+
+class TrainConfig(_Section):
+    task: Literal["classification", "mae", "detection", "segmentation"] = "classification"
+    epochs: int | None = Field(10, gt=0)
+    steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, description="base lr, scaled by lr_scaling to the global batch")
+    lr_scaling: Literal["none", "linear", "sqrt"] = "linear"
+    lr_base_batch_size: int = Field(256, gt=0)
+    min_lr: float = Field(1e-6, ge=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    warmup_steps: int | None = Field(None, ge=0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    ema: EmaConfig = EmaConfig()
+    distillation: DistillationConfig = DistillationConfig()
+    eval_every_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: each epoch)")
+    checkpoint_every_steps: int | None = Field(None, gt=0)
+    log_every_steps: int = Field(50, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.epochs is None and self.steps is None:
+            raise ValueError("set train.epochs or train.steps")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- deepspeed
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, gt=0)
+    grad_clip: float = Field(0.0, ge=0.0, description="max grad norm; 0 disables")
+    activation_checkpointing: bool = False
+    offload_optimizer: Literal["none", "cpu"] = "none"
+
+
+# ------------------------------------------------------------------------------------------- cluster
+class ClusterConfig(_Section):
+    address: str | None = Field(None, description="None: a local Ray instance; 'auto' or ray://host:10001")
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    storage_path: str | None = Field(None, description="run storage; default <vitray home>/runs")
+    run_name: str | None = None
+    max_failures: int = Field(2, ge=-1)
+    checkpoints_to_keep: int | None = Field(2, gt=0)
+    checkpoint_score_metric: str | None = "val/top1"
+    checkpoint_score_mode: Literal["max", "min"] = "max"
+
+
+# ------------------------------------------------------------------------------------------ tracking
+class TrackingConfig(_Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or a sqlite file")
+    experiment: str = "vitray"
+    registered_model: str | None = None
+    promotion_metric: str = "val/top1"
+    promotion_mode: Literal["max", "min"] = "max"
+    log_every_steps: int = Field(10, gt=0)
+
+
+# --------------------------------------------------------------------------------------------- serve
+class ServedModel(_Section):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    uri: str = Field(..., min_length=1)
+    task: Literal["classification", "detection", "segmentation"] = "classification"
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    models: list[ServedModel] = []
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_ongoing_requests: int | None = Field(None, gt=0, description="default: 2 x max_batch_size")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, gt=0)
+    target_ongoing_requests: float = Field(16.0, gt=0.0)
+    cpus_per_replica: float = Field(1.0, gt=0.0)
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(64_000_000, gt=0)
+    auth_token_env: str | None = None
+    auth_token_file: str | None = None
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches are silently capped")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- score
+class ScoreConfig(_Section):
+    model: str | None = None
+    input: str | None = None
+    output: str | None = None
+    batch_size: int = Field(64, gt=0)
+    concurrency: int = Field(1, gt=0)
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    top_k: int = Field(5, gt=0)
+
+
+# ------------------------------------------------------------------------------------------------ run
+class RunConfig(_Section):
+    """The whole run. Each section has working defaults: an empty YAML file is a valid config."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    serve: ServeConfig = ServeConfig()
+    score: ScoreConfig = ScoreConfig()
+
+
+# --------------------------------------------------------------------------------------------- loading
+def vitray_home() -> Path:
+    """Where embedded defaults live (MLflow sqlite file, run storage, packed demo data): $VITRAY_HOME or ~/.vitray."""
+    return Path(os.environ.get("VITRAY_HOME", Path.home() / ".vitray")).expanduser()
+
+
+def is_model_uri(value: str) -> bool:
+    return value.startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
+
+
+def _fmt_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _format_errors(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key (given {_fmt_value(e['input'])})")
+        elif e["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            lines.append(f"{loc or '<root>'}: {msg} (given {_fmt_value(e['input'])})")
+    return ConfigError(f"invalid config {source}: " + "; ".join(lines), lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "<dict>") -> RunConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise _format_errors(err, source) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides to a raw config dict. Values are parsed as YAML scalars/lists (``3``, ``true``,
+    ``[0.5, 1.0]``, ``null``); the schema validates them afterwards, so a typo in the key is still rejected."""
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the embedded defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: Any = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {source}: not found" if not p.exists() else f"config file {source}: not a file")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {source}: malformed YAML{where}: {problem}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {source}: not a text file") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    apply_overrides(data, overrides)
+    return parse_config(data, source)
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike | None = None) -> str:
+    """The resolved config as YAML (every field, defaults included); written to ``path`` when given."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
+    if path is not None:
+        Path(path).write_text(text)
+    return text
+
+
+def check_config(cfg: RunConfig, *, models: bool = True, files: bool = True) -> RunConfig:
+    """Checks that need more than the schema: the model name exists in the zoo, local checkpoint files exist.
+    Run by commands that are about to build models on this machine (not by manifest renderers)."""
+    errors = []
+    if models:
+        from vitray.models.zoo import is_model  # lazy: the schema itself stays torch-free
+
+        if not is_model(cfg.model.name):
+            errors.append(f"model.name: unknown model {cfg.model.name!r} (see `vitray models zoo`)")
+        teacher = cfg.train.distillation
+        if teacher.teacher and teacher.teacher_model and not is_model(teacher.teacher_model):
+            errors.append(f"train.distillation.teacher_model: unknown model {teacher.teacher_model!r}")
+    if files:
+        for field, value in (("model.checkpoint", cfg.model.checkpoint),
+                             ("train.distillation.teacher", cfg.train.distillation.teacher)):
+            if value and not is_model_uri(value) and not Path(value).expanduser().exists():
+                errors.append(f"{field}: file not found: {value}")
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors), errors)
+    return cfg
