@@ -1,6 +1,8 @@
 """Task heads that sit on a backbone's token sequence."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -16,7 +18,7 @@ class ClassificationHead(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_classes: int, pool: str = "token", num_prefix_tokens: int = 1,
-                 drop_rate: float = 0.0, norm_layer=nn.LayerNorm):
+                 drop_rate: float = 0.0, norm_layer=partial(nn.LayerNorm, eps=1e-6)):
         super().__init__()
         if pool not in ("token", "avg"):
             raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")

@@ -1,0 +1,31 @@
+"""Shared fixtures. Heavy shared resources (one Ray cluster per session) live here so tests never start their own."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no GPU on the test machines
+os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: str | Path | None = None):
+    """Run the real `vitray` console script in a subprocess; returns CompletedProcess with text output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vitray.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+@pytest.fixture(autouse=True)
+def _vitray_home(tmp_path, monkeypatch):
+    """Every test gets its own vitray home: no test reads or writes ~/.vitray."""
+    monkeypatch.setenv("VITRAY_HOME", str(tmp_path / "vitray-home"))
