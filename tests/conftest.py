@@ -29,3 +29,18 @@ def cli():
 def _vitray_home(tmp_path, monkeypatch):
     """Every test gets its own vitray home: no test reads or writes ~/.vitray."""
     monkeypatch.setenv("VITRAY_HOME", str(tmp_path / "vitray-home"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole test session, pinned to loopback, no dashboard."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}})
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    yield ray
+    # left running until the interpreter exits: other session-scoped users may still need it

@@ -61,6 +61,35 @@ def cmd_models_zoo(args) -> int:
     return 0
 
 
+def cmd_data_pack(args) -> int:
+    from vitray.data.pack import pack
+
+    m = pack(args.src, args.out, args.format, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+             shard_rows=args.shard_rows, shard_bytes=args.shard_bytes, max_pixels=args.max_pixels,
+             overwrite=args.overwrite, task=args.task, images=args.images, masks_dir=args.masks, workers=args.workers)
+    total = sum(m.counts.values())
+    splits = ", ".join(f"{s} {n:,}" for s, n in m.counts.items())
+    print(f"packed {total:,} images ({splits}) into {len(m.shards)} shards in {args.out} "
+          f"[{m.task}, {m.num_classes} classes] in {m.source['seconds']:.1f}s")
+    print(f"skipped {len(m.skipped)} file(s)" + (" (vitray data inspect lists them with reasons)" if m.skipped else ""))
+    return 0
+
+
+def cmd_data_inspect(args) -> int:
+    from vitray.data.inspection import summarize, verify
+
+    print(summarize(args.out))
+    if args.verify:
+        problems = verify(args.out)
+        if problems:
+            print(f"verify: {len(problems)} problem(s)")
+            for p in problems:
+                print(f"  {p}")
+            return 1
+        print("verify: every shard matches its sha256 and row count")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from vitray.quickstart import run_quickstart
 
@@ -92,6 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="schema only: skip the model-name and file checks")
     p.set_defaults(func=cmd_config)
 
+    data = sub.add_parser("data", help="pack image sources into shards; inspect and verify them").add_subparsers(
+        dest="data_command", metavar="ACTION")
+    data.required = True
+    p = data.add_parser("pack", help="pack an image source into Parquet shards + manifest.json")
+    p.add_argument("src", metavar="SRC", help="source folder/file (ignored for sklearn-digits)")
+    p.add_argument("out", metavar="OUT", help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--format", required=True, help="imagefolder | coco | masks | webdataset | sklearn-digits")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="hash split when the source has no splits")
+    p.add_argument("--test-fraction", type=float, default=0.0)
+    p.add_argument("--shard-rows", type=int, default=10_000, help="max rows per shard")
+    p.add_argument("--shard-bytes", type=int, default=256 << 20, help="max encoded bytes per shard")
+    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    p.add_argument("--task", default=None, help="coco only: detection (default) or segmentation")
+    p.add_argument("--images", default=None, help="coco only: image folder (default: beside the JSON)")
+    p.add_argument("--masks", default=None, help="masks only: mask folder (default: SRC/masks)")
+    p.add_argument("--workers", type=int, default=None, help="decode threads for validation (default: cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
+    p.set_defaults(func=cmd_data_pack)
+    p = data.add_parser("inspect", help="counts per split and class, skipped files, sizes")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--verify", action="store_true", help="check every shard's sha256 and row count")
+    p.set_defaults(func=cmd_data_inspect)
+
     models = sub.add_parser("models", help="model zoo and registry").add_subparsers(dest="models_command", metavar="ACTION")
     models.required = True
     p = models.add_parser("zoo", help="buildable architectures with parameters and GFLOPs")
@@ -116,9 +168,10 @@ def _run(func: Callable, args) -> int:
         print("vitray: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, no traceback
+        from vitray.data import ManifestError, SourceError
         from vitray.models import CheckpointError, UnknownModelError
 
-        if isinstance(err, (CheckpointError, UnknownModelError)):
+        if isinstance(err, (CheckpointError, UnknownModelError, SourceError, ManifestError)):
             print(f"vitray: error: {err}", file=sys.stderr)
             return 2
         if "VITRAY_DEBUG" in __import__("os").environ:

@@ -1,0 +1,128 @@
+"""The shard format: Parquet files, one row per image, and ``manifest.json`` beside them.
+
+Columns: ``id`` (stable, unique), ``image`` (the original encoded bytes), ``width``, ``height``, ``split``;
+classification adds ``label``; detection ``boxes`` (x0, y0, x1, y1 in pixels) and ``box_labels``;
+segmentation ``mask`` (PNG, one class id per pixel, 255 = ignore). Shards are written per split
+(``train-00000.parquet``), so a split is read without filtering.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+__all__ = [
+    "FORMAT_VERSION", "MANIFEST", "TASKS", "IGNORE_INDEX", "ShardInfo", "Manifest", "schema_for", "sha256_file",
+    "split_of", "ManifestError",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TASKS = ("classification", "detection", "segmentation")
+IGNORE_INDEX = 255  # mask value ignored by the loss and the metrics
+
+
+class ManifestError(ValueError):
+    pass
+
+
+def schema_for(task: str) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("split", pa.string()),
+    ]
+    if task == "classification":
+        fields.append(pa.field("label", pa.int32()))
+    elif task == "detection":
+        fields += [pa.field("boxes", pa.list_(pa.list_(pa.float32()))), pa.field("box_labels", pa.list_(pa.int32()))]
+    elif task == "segmentation":
+        fields.append(pa.field("mask", pa.binary()))
+    else:
+        raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+    return pa.schema(fields)
+
+
+def split_of(sample_id: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """Deterministic split from a hash of the id: the same on every run and machine (no RNG, no PYTHONHASHSEED)."""
+    h = int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "big") / 2**64
+    if h < val_fraction:
+        return "val"
+    if h < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    split: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    task: str
+    class_names: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+    class_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    shards: list[ShardInfo] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # ------------------------------------------------------------------ io
+    def write(self, folder: str | os.PathLike) -> Path:
+        path = Path(folder) / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.replace(tmp, path)  # a reader never sees half a manifest
+        return path
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> "Manifest":
+        folder = Path(folder).expanduser()
+        path = folder / MANIFEST if folder.is_dir() or not folder.suffix else folder
+        if not path.is_file():
+            raise ManifestError(f"no {MANIFEST} in {folder} (pack the data first: vitray data pack SRC {folder} --format ...)")
+        try:
+            data = json.loads(path.read_text())
+            data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
+            manifest = cls(**data)
+        except (ValueError, TypeError) as err:
+            raise ManifestError(f"{path}: not a vitray manifest ({err})") from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise ManifestError(f"{path}: format version {manifest.format_version} is newer than this vitray ({FORMAT_VERSION})")
+        return manifest
+
+    # -------------------------------------------------------------- queries
+    def files(self, folder: str | os.PathLike, split: str) -> list[str]:
+        return [str(Path(folder).expanduser() / s.file) for s in self.shards if s.split == split and s.rows > 0]
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("train", "val", "test") if self.counts.get(s)]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def fingerprint(self) -> str:
+        """sha256 over the shard hashes: identifies the dataset in MLflow tags and scoring summaries."""
+        return hashlib.sha256("".join(sorted(s.sha256 for s in self.shards)).encode()).hexdigest()

@@ -1,0 +1,64 @@
+"""``vitray data inspect``: what a packed dataset holds, and whether its shards are intact."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .formats import Manifest, sha256_file
+
+__all__ = ["summarize", "verify"]
+
+
+def summarize(folder: str) -> str:
+    m = Manifest.read(folder)
+    lines = [f"{Path(folder).expanduser()}: task {m.task}, {m.num_classes} classes, format v{m.format_version}, "
+             f"source {m.source.get('format')} {m.source.get('path', '')}"]
+    total_bytes = sum(s.bytes for s in m.shards)
+    lines.append(f"images: {sum(m.counts.values()):,} in {len(m.shards)} shards, {total_bytes / 2**20:,.1f} MiB")
+    for split in m.splits:
+        lines.append(f"  {split:<6} {m.counts[split]:>9,} images")
+    counted = "boxes" if m.task == "detection" else "images containing it" if m.task == "segmentation" else "images"
+    lines.append(f"per class ({counted}):")
+    width = max((len(n) for n in m.class_names), default=5)
+    splits = m.splits
+    lines.append("  " + " " * width + "".join(f" {s:>8}" for s in splits))
+    for name in m.class_names:
+        lines.append("  " + f"{name:<{width}}" + "".join(f" {m.class_counts.get(s, {}).get(name, 0):>8,}" for s in splits))
+    lines.append(f"skipped: {len(m.skipped)}")
+    reasons: dict[str, int] = {}
+    for s in m.skipped:
+        reasons[s["reason"].split(":")[0]] = reasons.get(s["reason"].split(":")[0], 0) + 1
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {n:>6} {reason}")
+    for s in m.skipped[:20]:
+        lines.append(f"    {s['path']}: {s['reason']}")
+    if len(m.skipped) > 20:
+        lines.append(f"    ... and {len(m.skipped) - 20} more (manifest.json lists all)")
+    return "\n".join(lines)
+
+
+def verify(folder: str) -> list[str]:
+    """Every shard's sha256 and row count against the manifest; returns the problems (empty: intact)."""
+    root = Path(folder).expanduser()
+    m = Manifest.read(root)
+    problems = []
+    for s in m.shards:
+        path = root / s.file
+        if not path.is_file():
+            problems.append(f"{s.file}: missing")
+            continue
+        digest = sha256_file(path)
+        if digest != s.sha256:
+            problems.append(f"{s.file}: sha256 {digest[:12]}... != manifest {s.sha256[:12]}...")
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as err:  # noqa: BLE001 - a damaged footer is a finding, not a crash
+            problems.append(f"{s.file}: not a readable Parquet file ({err})")
+            continue
+        if rows != s.rows:
+            problems.append(f"{s.file}: {rows} rows != manifest {s.rows}")
+    listed = {s.file for s in m.shards}
+    for extra in sorted(p.name for p in root.glob("*.parquet") if p.name not in listed):
+        problems.append(f"{extra}: shard not in the manifest")
+    return problems

@@ -1,0 +1,202 @@
+"""Ray Data pipelines that feed the trainers: read (streaming) -> decode -> augment on CPU tasks.
+
+Each batch leaving the pipeline holds what the trainer expects for its task:
+
+* always ``image`` uint8 (B, 3, S, S) and ``ok`` bool (B,): False marks bytes that failed to decode at read time
+  (a shard written by another tool); those rows carry a zero image, the trainer drops and counts them;
+* classification: ``label`` int64 (B,);
+* detection: ``boxes`` float32 (B, max_boxes, 4) in pixels of the S x S input, ``box_labels`` int64 (B, max_boxes),
+  -1 for padding;
+* segmentation: ``mask`` uint8 (B, S, S), 255 = ignore.
+
+Inputs: packed shards (a folder with manifest.json), or, without packing, WebDataset tars, Parquet files with an
+image column, or a plain image folder (``data.format``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .decode import DecodeError, decode_image, decode_mask
+from .formats import IGNORE_INDEX, Manifest, split_of
+from .sources import IMAGE_EXTS, SPLIT_NAMES
+from .transforms import EvalTransform, TrainTransform
+
+__all__ = ["DatasetSpec", "decode_batch", "build_dataset", "build_datasets", "dataset_spec"]
+
+_TASK_COLUMNS = {
+    "classification": ["image", "label"],
+    "detection": ["image", "boxes", "box_labels"],
+    "segmentation": ["image", "mask"],
+}
+
+
+@dataclass
+class DatasetSpec:
+    """What a data source holds, whatever its format: the trainer needs nothing else to build its head."""
+
+    task: str
+    class_names: list[str]
+    files: dict[str, list[str]]  # split -> files
+    counts: dict[str, int]
+    fingerprint: str = ""
+    format: str = "shards"
+
+
+# ------------------------------------------------------------------------------------------ decode + augment
+def decode_batch(batch: dict, *, task: str, train: bool, img_size: int, transforms: dict, max_pixels: int,
+                 max_boxes: int = 100, interpolation: str = "bicubic") -> dict:
+    """Decode and transform one batch (a Ray Data ``map_batches`` function; also usable on its own)."""
+    images_in = batch["image"]
+    n = len(images_in)
+    if train:
+        t = TrainTransform(img_size, scale=tuple(transforms["scale"]), ratio=tuple(transforms["ratio"]),
+                           hflip=transforms["hflip"], randaugment=transforms.get("randaugment") if task == "classification" else None,
+                           interpolation=interpolation, mean=transforms.get("mean", (0.485, 0.456, 0.406)))
+        # never decode below what a crop at the smallest scale needs at full resolution
+        side = int(np.ceil(img_size / np.sqrt(transforms["scale"][0])))
+    else:
+        t = EvalTransform(img_size, crop_pct=transforms["crop_pct"], interpolation=interpolation)
+        side = int(np.ceil(img_size / transforms["crop_pct"]))
+    out_img = np.zeros((n, 3, img_size, img_size), dtype=np.uint8)
+    ok = np.ones(n, dtype=bool)
+    out = {"image": out_img, "ok": ok}
+    if task == "classification":
+        out["label"] = np.asarray(batch["label"], dtype=np.int64)
+    elif task == "detection":
+        out["boxes"] = np.zeros((n, max_boxes, 4), dtype=np.float32)
+        out["box_labels"] = np.full((n, max_boxes), -1, dtype=np.int64)
+    elif task == "segmentation":
+        out["mask"] = np.full((n, img_size, img_size), IGNORE_INDEX, dtype=np.uint8)
+    for i in range(n):
+        try:
+            img = decode_image(images_in[i], max_pixels, min_size=(side, side))
+            boxes = labels = mask = None
+            if task == "detection":
+                boxes = np.asarray([np.asarray(b, dtype=np.float32) for b in batch["boxes"][i]], dtype=np.float32).reshape(-1, 4)
+                labels = np.asarray(batch["box_labels"][i], dtype=np.int64).reshape(-1)
+                # boxes are in stored pixels; the decoder may have scaled the image down (JPEG DCT scaling)
+                if len(boxes) and "width" in batch:
+                    sx, sy = img.shape[1] / float(batch["width"][i]), img.shape[0] / float(batch["height"][i])
+                    boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
+            elif task == "segmentation":
+                mask = decode_mask(batch["mask"][i])
+                if mask.shape != img.shape[:2]:  # reduced-size decode: bring the image back to the mask's grid
+                    img = np.asarray(Image.fromarray(img).resize(mask.shape[::-1], Image.BICUBIC))
+            img, boxes, labels, mask = t(img, boxes, labels, mask)
+            out_img[i] = np.ascontiguousarray(img.transpose(2, 0, 1))
+            if task == "detection":
+                k = min(len(boxes), max_boxes)
+                out["boxes"][i, :k] = boxes[:k]
+                out["box_labels"][i, :k] = labels[:k]
+            elif task == "segmentation":
+                out["mask"][i] = mask
+        except DecodeError:
+            ok[i] = False
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- sources
+def _imagefolder_spec(root: Path, val_fraction: float) -> tuple[DatasetSpec, dict]:
+    split_dirs = [root / s for s in SPLIT_NAMES if (root / s).is_dir()]
+    roots = [(d.name, d) for d in split_dirs] if split_dirs else [(None, root)]
+    classes = sorted({c.name for _, r in roots for c in r.iterdir() if c.is_dir() and not c.name.startswith(".")})
+    files: dict[str, list[str]] = {}
+    labels: dict[str, int] = {}
+    for split, r in roots:
+        for i, cls in enumerate(classes):
+            d = r / cls
+            if not d.is_dir():
+                continue
+            for p in sorted(d.rglob("*")):
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+                    s = split or split_of(p.relative_to(root).as_posix(), val_fraction)
+                    files.setdefault(s, []).append(str(p))
+                    labels[str(p)] = i
+    spec = DatasetSpec("classification", classes, files, {s: len(f) for s, f in files.items()}, format="imagefolder")
+    return spec, labels
+
+
+def dataset_spec(data_cfg, val_fraction: float = 0.1) -> DatasetSpec:
+    """Describe ``data.path`` for ``data.format`` without reading any pixels."""
+    if not data_cfg.path:
+        raise ValueError("data.path is not set (a folder of packed shards, or a raw source with data.format)")
+    root = Path(data_cfg.path).expanduser()
+    fmt = data_cfg.format
+    if fmt == "shards":
+        m = Manifest.read(root)
+        return DatasetSpec(m.task, m.class_names, {s: m.files(root, s) for s in m.splits}, dict(m.counts),
+                           m.fingerprint(), "shards")
+    if fmt == "imagefolder":
+        return _imagefolder_spec(root, val_fraction)[0]
+    pattern = "*.tar" if fmt == "webdataset" else "*.parquet"
+    found = sorted(str(p) for p in (root.glob(pattern) if root.is_dir() else [root]))
+    if not found:
+        raise ValueError(f"data.path {root}: no {pattern} files")
+    files: dict[str, list[str]] = {}
+    for f in found:
+        split = next((s for s in SPLIT_NAMES if Path(f).name.startswith(s)), "train")
+        files.setdefault(split, []).append(f)
+    names_file = (root if root.is_dir() else root.parent) / "classes.txt"
+    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()] if names_file.is_file() else []
+    return DatasetSpec("classification", names, files, {}, format=fmt)
+
+
+def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float):
+    import ray.data
+
+    files = spec.files.get(split, [])
+    if not files:
+        raise ValueError(f"no {split!r} split in {data_cfg.path} (has: {', '.join(spec.files) or 'nothing'})")
+    blocks = max(len(files), 8)
+    if spec.format == "shards":
+        cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
+        return ray.data.read_parquet(files, columns=cols, override_num_blocks=blocks)
+    if spec.format == "parquet":
+        return ray.data.read_parquet(files, columns=["image", "label"], override_num_blocks=blocks)
+    if spec.format == "webdataset":
+        ds = ray.data.read_webdataset(files, decoder=None, override_num_blocks=blocks)
+
+        def to_columns(batch):
+            keys = [k for k in ("jpg", "jpeg", "png", "webp") if k in batch]
+            image = batch[keys[0]] if keys else None
+            label_key = next(k for k in ("cls", "cls.txt", "label") if k in batch)
+            labels = [int(v.decode() if isinstance(v, (bytes, bytearray)) else v) for v in batch[label_key]]
+            return {"image": image, "label": np.asarray(labels, dtype=np.int64)}
+
+        return ds.map_batches(to_columns)
+    # imagefolder without packing: labels from the class folder
+    _, labels = _imagefolder_spec(Path(data_cfg.path).expanduser(), val_fraction)
+    ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=blocks)
+
+    def with_label(batch):
+        return {"image": batch["bytes"], "label": np.asarray([labels[p] for p in batch["path"]], dtype=np.int64)}
+
+    return ds.map_batches(with_label)
+
+
+def build_dataset(spec: DatasetSpec, split: str, data_cfg, *, img_size: int, train: bool, decode_batch_size: int = 32,
+                  max_boxes: int = 100, val_fraction: float = 0.1):
+    """One split as a streaming Ray Dataset of decoded, transformed batches (decode runs on CPU tasks)."""
+    ds = _read(spec, split, data_cfg, val_fraction)
+    if train:
+        ds = ds.randomize_block_order()
+    tr = data_cfg.train_transforms.model_dump() if train else data_cfg.eval_transforms.model_dump()
+    tr["mean"] = tuple(data_cfg.mean)
+    return ds.map_batches(
+        decode_batch, batch_size=decode_batch_size,
+        fn_kwargs=dict(task=spec.task, train=train, img_size=img_size, transforms=tr, max_pixels=data_cfg.max_pixels,
+                       max_boxes=max_boxes, interpolation=data_cfg.interpolation),
+    )
+
+
+def build_datasets(data_cfg, img_size: int, spec: DatasetSpec | None = None, **kw) -> tuple[DatasetSpec, dict]:
+    """The training datasets for a run: ``{"train": ..., "val": ...}`` (val only when the source has it)."""
+    spec = spec or dataset_spec(data_cfg)
+    out = {"train": build_dataset(spec, data_cfg.train_split, data_cfg, img_size=img_size, train=True, **kw)}
+    if spec.files.get(data_cfg.val_split):
+        out["val"] = build_dataset(spec, data_cfg.val_split, data_cfg, img_size=img_size, train=False, **kw)
+    return spec, out

@@ -1,0 +1,336 @@
+"""Image sources ``vitray data pack`` reads: each yields samples (or skipped files with their reason) in a stable order.
+
+A source never decodes pixels itself: it hands over the original encoded bytes plus annotations, and the packer
+probes them (in parallel) and writes them unchanged.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .formats import IGNORE_INDEX
+
+__all__ = ["Sample", "Skipped", "SourceError", "open_source", "SOURCE_FORMATS"]
+
+SOURCE_FORMATS = ("imagefolder", "coco", "masks", "webdataset", "sklearn-digits")
+SPLIT_NAMES = ("train", "val", "test")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+class SourceError(ValueError):
+    """The source as a whole is unusable (missing, empty, wrong layout): exit 2."""
+
+
+@dataclass
+class Sample:
+    id: str
+    data: bytes
+    split: str | None = None  # None: decided by a hash of the id
+    label: int | None = None
+    boxes: list[list[float]] | None = None
+    box_labels: list[int] | None = None
+    mask: bytes | None = None
+    path: str = ""
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Source:
+    task: str
+    class_names: list[str]
+    items: Iterator[Sample | Skipped]
+    info: dict = field(default_factory=dict)
+    finalize: object = None  # optional callable(max_label_seen) -> class_names, for sources that learn them while read
+
+
+def _read(path: Path) -> bytes | Skipped:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        return Skipped(str(path), f"unreadable file: {err.strerror or err}")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------------- imagefolder
+def imagefolder(src: Path) -> Source:
+    if not src.is_dir():
+        raise SourceError(f"{src}: not a folder (imagefolder expects SRC/CLASS/IMAGE or SRC/SPLIT/CLASS/IMAGE)")
+    split_dirs = [src / s for s in SPLIT_NAMES if (src / s).is_dir()]
+    roots = [(d.name, d) for d in split_dirs] if split_dirs else [(None, src)]
+    classes = sorted({c.name for _, r in roots for c in r.iterdir() if c.is_dir() and not c.name.startswith(".")})
+    if not classes:
+        raise SourceError(f"{src}: no class folders found (imagefolder expects SRC/CLASS/IMAGE or SRC/train/CLASS/IMAGE)")
+    index = {c: i for i, c in enumerate(classes)}
+
+    def items():
+        found = False
+        for split, root in roots:
+            for cls in classes:
+                folder = root / cls
+                if not folder.is_dir():
+                    continue
+                for path in _files(folder):
+                    found = True
+                    data = _read(path)
+                    rel = path.relative_to(src).as_posix()
+                    yield data if isinstance(data, Skipped) else Sample(rel, data, split, label=index[cls], path=str(path))
+        if not found:
+            raise SourceError(f"{src}: the class folders hold no files")
+
+    return Source("classification", classes, items(), {"splits_from_source": bool(split_dirs)})
+
+
+# ---------------------------------------------------------------------------------------------------- coco
+def _rle_decode(rle: dict, h: int, w: int) -> np.ndarray:
+    counts = rle["counts"]
+    if isinstance(counts, str):  # COCO's compressed RLE string (pycocotools' rleFrString)
+        raw, out, p = counts.encode(), [], 0
+        while p < len(raw):
+            x, k, more = 0, 0, True
+            while more:
+                c = raw[p] - 48
+                x |= (c & 0x1F) << (5 * k)
+                more = bool(c & 0x20)
+                p += 1
+                k += 1
+                if not more and (c & 0x10):
+                    x |= -1 << (5 * k)
+            if len(out) > 2:
+                x += out[-2]
+            out.append(x)
+        counts = out
+    flat = np.zeros(h * w, dtype=np.uint8)
+    pos, val = 0, 0
+    for run in counts:
+        if val:
+            flat[pos:pos + run] = 1
+        pos += run
+        val ^= 1
+    return flat.reshape(w, h).T  # column-major, as COCO stores it
+
+
+def _rasterise(seg, h: int, w: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    if isinstance(seg, dict):
+        return _rle_decode(seg, *seg.get("size", (h, w)))
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in seg:
+        if len(poly) >= 6:
+            draw.polygon([float(v) for v in poly], fill=1)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def _png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask, "L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def coco(src: Path, images: Path | None, task: str) -> Source:
+    ann_path = src
+    if not ann_path.is_file():
+        raise SourceError(f"{ann_path}: COCO annotation file not found (SRC is the instances JSON for --format coco)")
+    try:
+        data = json.loads(ann_path.read_text())
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        imgs = data["images"]
+        anns = data.get("annotations", [])
+    except (ValueError, KeyError, TypeError) as err:
+        raise SourceError(f"{ann_path}: not a COCO instances file ({type(err).__name__}: {err})") from None
+    if not imgs:
+        raise SourceError(f"{ann_path}: no images listed")
+    image_dir = images or ann_path.parent
+    if not image_dir.is_dir():
+        raise SourceError(f"{image_dir}: image folder not found (pass --images DIR)")
+    cat_index = {c["id"]: i for i, c in enumerate(cats)}
+    by_image: dict[int, list[dict]] = {}
+    for a in anns:
+        by_image.setdefault(a["image_id"], []).append(a)
+    names = [c["name"] for c in cats]
+    if task == "segmentation":
+        names = ["background"] + names
+
+    def items():
+        for im in sorted(imgs, key=lambda i: i["file_name"]):
+            path = image_dir / im["file_name"]
+            if not path.is_file():
+                yield Skipped(str(path), "file not found (listed in the annotations)")
+                continue
+            raw = _read(path)
+            if isinstance(raw, Skipped):
+                yield raw
+                continue
+            split = next((s for s in SPLIT_NAMES if im["file_name"].startswith(s + "/")), None)
+            sample = Sample(im["file_name"], raw, split, path=str(path))
+            h, w = int(im["height"]), int(im["width"])
+            objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in cat_index]
+            if task == "detection":
+                boxes, labels = [], []
+                for a in objs:
+                    if a.get("iscrowd"):
+                        continue
+                    x, y, bw, bh = a["bbox"]
+                    x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
+                    if x1 > x0 and y1 > y0:
+                        boxes.append([x0, y0, x1, y1])
+                        labels.append(cat_index[a["category_id"]])
+                sample.boxes, sample.box_labels = boxes, labels
+            else:
+                mask = np.zeros((h, w), dtype=np.uint8)
+                for a in sorted(objs, key=lambda a: -a.get("area", 0)):  # small objects painted last, on top
+                    if "segmentation" not in a:
+                        continue
+                    m = _rasterise(a["segmentation"], h, w).astype(bool)
+                    mask[m] = IGNORE_INDEX if a.get("iscrowd") else cat_index[a["category_id"]] + 1
+                sample.mask = _png(mask)
+            yield sample
+
+    return Source(task, names, items(), {"annotations": str(ann_path), "images": str(image_dir)})
+
+
+# --------------------------------------------------------------------------------------------------- masks
+def _class_file(folder: Path) -> list[str] | None:
+    f = folder / "classes.txt"
+    return [line.strip() for line in f.read_text().splitlines() if line.strip()] if f.is_file() else None
+
+
+def masks(src: Path, mask_dir: Path | None) -> Source:
+    image_dir = src / "images"
+    mask_dir = mask_dir or src / "masks"
+    for d, what in ((image_dir, "images"), (mask_dir, "masks")):
+        if not d.is_dir():
+            raise SourceError(f"{d}: folder not found (--format masks expects SRC/images and SRC/masks, or --masks DIR)")
+    mask_by_stem = {p.relative_to(mask_dir).with_suffix("").as_posix(): p for p in _files(mask_dir)}
+    images = _files(image_dir)
+    if not images:
+        raise SourceError(f"{image_dir}: no files")
+    names = _class_file(src)
+
+    def items():
+        for path in images:
+            rel = path.relative_to(image_dir).as_posix()
+            split = next((s for s in SPLIT_NAMES if rel.startswith(s + "/")), None)
+            mpath = mask_by_stem.get(path.relative_to(image_dir).with_suffix("").as_posix())
+            if mpath is None:
+                yield Skipped(str(path), "no mask with the same name")
+                continue
+            raw, mraw = _read(path), _read(mpath)
+            if isinstance(raw, Skipped) or isinstance(mraw, Skipped):
+                yield raw if isinstance(raw, Skipped) else mraw
+                continue
+            yield Sample(rel, raw, split, mask=mraw, path=str(path))
+
+    def finalize(max_id: int) -> list[str]:
+        return names if names else [f"class_{i}" for i in range(max_id + 1)]
+
+    return Source("segmentation", names or [], items(), {"images": str(image_dir), "masks": str(mask_dir)}, finalize)
+
+
+# ---------------------------------------------------------------------------------------------- webdataset
+def webdataset(src: Path) -> Source:
+    tars = [src] if src.is_file() else sorted(src.glob("*.tar")) if src.is_dir() else []
+    if not tars:
+        raise SourceError(f"{src}: no .tar shards found (--format webdataset expects a .tar or a folder of them)")
+    names = _class_file(src if src.is_dir() else src.parent)
+
+    def groups(tar_path: Path):
+        try:
+            with tarfile.open(tar_path, "r|*") as tf:
+                key, parts = None, {}
+                for member in tf:
+                    if not member.isfile():
+                        continue
+                    base = member.name.rsplit("/", 1)[-1]
+                    prefix = member.name[: len(member.name) - len(base)]
+                    k, _, ext = base.partition(".")
+                    k = prefix + k
+                    if k != key and key is not None:
+                        yield key, parts
+                        parts = {}
+                    key = k
+                    parts[ext.lower()] = tf.extractfile(member).read()
+                if key is not None:
+                    yield key, parts
+        except (tarfile.TarError, OSError, EOFError) as err:
+            yield None, {"__error__": f"unreadable tar: {err}"}
+
+    def items():
+        for tar_path in tars:
+            split = next((s for s in SPLIT_NAMES if tar_path.name.startswith(s)), None)
+            for key, parts in groups(tar_path):
+                if key is None:
+                    yield Skipped(str(tar_path), parts["__error__"])
+                    continue
+                sid = f"{tar_path.stem}/{key}"
+                image_ext = next((e for e in ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff") if e in parts), None)
+                if image_ext is None:
+                    yield Skipped(f"{tar_path}:{key}", f"no image member (has: {', '.join(sorted(parts)) or 'nothing'})")
+                    continue
+                label_raw = next((parts[e] for e in ("cls", "cls.txt", "label", "label.txt") if e in parts), None)
+                try:
+                    label = int(label_raw.decode().strip()) if label_raw is not None else None
+                except ValueError:
+                    yield Skipped(f"{tar_path}:{key}", f"label is not an integer: {label_raw[:20]!r}")
+                    continue
+                if label is None:
+                    yield Skipped(f"{tar_path}:{key}", "no class label member (.cls)")
+                    continue
+                yield Sample(sid, parts[image_ext], split, label=label, path=f"{tar_path}:{key}.{image_ext}")
+
+    def finalize(max_id: int) -> list[str]:
+        return names if names else [str(i) for i in range(max_id + 1)]
+
+    return Source("classification", names or [], items(), {"tars": [str(t) for t in tars]}, finalize)
+
+
+# ------------------------------------------------------------------------------------------ sklearn-digits
+def sklearn_digits() -> Source:
+    """scikit-learn's bundled 8x8 digits (1,797 images, shipped inside the package: no download), as 8x8 PNGs."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+
+    def items():
+        for i, (img, target) in enumerate(zip(digits.images, digits.target)):
+            pixels = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+            yield Sample(f"digits-{i:04d}", _png(pixels), None, label=int(target), path=f"sklearn:digits[{i}]")
+
+    return Source("classification", [str(i) for i in range(10)], items(), {"dataset": "sklearn.datasets.load_digits"})
+
+
+def open_source(fmt: str, src: str, *, task: str | None = None, images: str | None = None,
+                masks_dir: str | None = None) -> Source:
+    if fmt not in SOURCE_FORMATS:
+        raise SourceError(f"unknown format {fmt!r}; one of: {', '.join(SOURCE_FORMATS)}")
+    if fmt == "sklearn-digits":
+        return sklearn_digits()
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise SourceError(f"{path}: source not found")
+    if fmt == "imagefolder":
+        return imagefolder(path)
+    if fmt == "coco":
+        if task not in (None, "detection", "segmentation"):
+            raise SourceError(f"--task {task}: COCO packs for detection or segmentation")
+        return coco(path, Path(images).expanduser() if images else None, task or "detection")
+    if fmt == "masks":
+        return masks(path, Path(masks_dir).expanduser() if masks_dir else None)
+    return webdataset(path)
