@@ -154,9 +154,9 @@ def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float):
     blocks = max(len(files), 8)
     if spec.format == "shards":
         cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
-        return ray.data.read_parquet(files, columns=cols, override_num_blocks=blocks)
+        return ray.data.read_parquet(files, override_num_blocks=blocks).select_columns(cols)
     if spec.format == "parquet":
-        return ray.data.read_parquet(files, columns=["image", "label"], override_num_blocks=blocks)
+        return ray.data.read_parquet(files, override_num_blocks=blocks).select_columns(["image", "label"])
     if spec.format == "webdataset":
         ds = ray.data.read_webdataset(files, decoder=None, override_num_blocks=blocks)
 
