@@ -90,6 +90,20 @@ def cmd_data_inspect(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from vitray.train import run_training
+
+    cfg = _load(args)
+    if not cfg.data.path:
+        raise UsageError("data.path is not set: point it at packed shards (vitray data pack ...) or a raw source")
+    result = run_training(cfg, address=args.address, resume=args.resume)
+    shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(result.metrics.items())
+                     if k.startswith("val/") and isinstance(v, (int, float)))
+    print(f"[vitray] done in {result.seconds:.0f}s: {shown}")
+    print(f"[vitray] run storage {result.run_dir}\n[vitray] exported model {result.export_dir}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from vitray.quickstart import run_quickstart
 
@@ -120,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="write the resolved YAML here instead of stdout")
     p.add_argument("--no-check", action="store_true", help="schema only: skip the model-name and file checks")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train or fine-tune with Ray Train + DeepSpeed")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: a local Ray)")
+    p.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN (its name in the run storage) from its latest checkpoint")
+    p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="pack image sources into shards; inspect and verify them").add_subparsers(
         dest="data_command", metavar="ACTION")

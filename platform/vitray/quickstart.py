@@ -39,7 +39,18 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     print(f"    resolved config -> {cfg_path} ({time.perf_counter() - t:.1f}s)")
     summary.append(("resolved config", str(cfg_path)))
 
-    t = _stage(2, f"model: {cfg.model.name}")
+    t = _stage(2, "data: pack scikit-learn's bundled digits into shards")
+    from vitray.data.pack import pack
+
+    shards = root / "shards"
+    manifest = pack("-", str(shards), "sklearn-digits", val_fraction=0.1, overwrite=True, progress=False)
+    cfg.data.path = str(shards)
+    dump_config(cfg, cfg_path)
+    print(f"    {sum(manifest.counts.values()):,} images ({', '.join(f'{k} {v}' for k, v in manifest.counts.items())}) "
+          f"in {len(manifest.shards)} shards -> {shards} ({time.perf_counter() - t:.1f}s)")
+    summary.append(("shards", str(shards)))
+
+    t = _stage(3, f"model: {cfg.model.name}")
     import torch
 
     from vitray.models import create_model_from_config, model_info
@@ -49,17 +60,29 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     print(f"    {info.params / 1e6:.2f}M parameters, {info.gflops:.2f} GFLOPs/image at {info.img_size}px, "
           f"pos_embed={cfg.model.pos_embed} ({time.perf_counter() - t:.1f}s)")
 
-    t = _stage(3, "forward pass on scikit-learn's bundled digits (untrained model)")
-    from sklearn.datasets import load_digits
+    t = _stage(4, "stream the val split through Ray Data (decode + eval transform on CPU tasks) into the model")
+    import ray
 
-    digits = load_digits()
-    x = torch.from_numpy(digits.images[:256]).float().div(16.0)  # (N, 8, 8) in [0, 1]
-    x = torch.nn.functional.interpolate(x[:, None], size=info.img_size, mode="bilinear").expand(-1, 3, -1, -1)
-    x = (x - 0.5) / 0.5
-    with torch.inference_mode():
-        logits = model(x)
-    top1 = (logits.argmax(1).numpy() == digits.target[:256]).mean()
-    print(f"    logits {tuple(logits.shape)}, untrained top-1 {top1:.3f} (chance 0.1) ({time.perf_counter() - t:.1f}s)")
+    from vitray.data.pipeline import build_dataset, dataset_spec
+    from vitray.data.transforms import normalize_batch
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+    try:
+        spec = dataset_spec(cfg.data)
+        ds = build_dataset(spec, cfg.data.val_split, cfg.data, img_size=info.img_size, train=False)
+        correct = seen = 0
+        with torch.inference_mode():
+            for batch in ds.iter_torch_batches(batch_size=cfg.data.batch_size):
+                logits = model(normalize_batch(batch["image"], cfg.data.mean, cfg.data.std))
+                correct += int((logits.argmax(1) == batch["label"]).sum())
+                seen += len(logits)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    print(f"    {seen} val images streamed; untrained top-1 {correct / seen:.3f} (chance 0.1) "
+          f"({time.perf_counter() - t:.1f}s)")
 
     print(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
     for what, where in summary:

@@ -44,6 +44,7 @@ class DatasetSpec:
     counts: dict[str, int]
     fingerprint: str = ""
     format: str = "shards"
+    nbytes: dict[str, int] | None = None  # split -> encoded bytes on disk, when known (packed shards)
 
 
 # ------------------------------------------------------------------------------------------ decode + augment
@@ -128,8 +129,9 @@ def dataset_spec(data_cfg, val_fraction: float = 0.1) -> DatasetSpec:
     fmt = data_cfg.format
     if fmt == "shards":
         m = Manifest.read(root)
+        nbytes = {s: sum(x.bytes for x in m.shards if x.split == s) for s in m.splits}
         return DatasetSpec(m.task, m.class_names, {s: m.files(root, s) for s in m.splits}, dict(m.counts),
-                           m.fingerprint(), "shards")
+                           m.fingerprint(), "shards", nbytes)
     if fmt == "imagefolder":
         return _imagefolder_spec(root, val_fraction)[0]
     pattern = "*.tar" if fmt == "webdataset" else "*.parquet"
@@ -145,20 +147,28 @@ def dataset_spec(data_cfg, val_fraction: float = 0.1) -> DatasetSpec:
     return DatasetSpec("classification", names, files, {}, format=fmt)
 
 
-def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float):
+# Read blocks of ~16 MB, decoded 128 rows per call: a 256 MB shard read as one block would be decoded by a single
+# task, while 4 MB blocks spent a third of the 2 cores on per-task scheduling (benchmarks/data_throughput.py:
+# 691 rows/s at 4 MB / 64 rows vs 923 at 16 MB / 128 rows, 224 px JPEGs on 2 cores).
+READ_BLOCK_BYTES = 16 << 20
+DECODE_BATCH = 128
+
+
+def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float, train: bool):
     import ray.data
 
     files = spec.files.get(split, [])
     if not files:
         raise ValueError(f"no {split!r} split in {data_cfg.path} (has: {', '.join(spec.files) or 'nothing'})")
     blocks = max(len(files), 8)
-    if spec.format == "shards":
+    shuffle = "files" if train else None  # a new file order every epoch; rows are mixed by the trainer's shuffle buffer
+    if spec.format in ("shards", "parquet"):
         cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
-        return ray.data.read_parquet(files, override_num_blocks=blocks).select_columns(cols)
-    if spec.format == "parquet":
-        return ray.data.read_parquet(files, override_num_blocks=blocks).select_columns(["image", "label"])
+        ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=blocks).select_columns(cols)
+        ds.context.target_max_block_size = min(ds.context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
+        return ds
     if spec.format == "webdataset":
-        ds = ray.data.read_webdataset(files, decoder=None, override_num_blocks=blocks)
+        ds = ray.data.read_webdataset(files, decoder=None, shuffle=shuffle, override_num_blocks=blocks)
 
         def to_columns(batch):
             keys = [k for k in ("jpg", "jpeg", "png", "webp") if k in batch]
@@ -170,7 +180,7 @@ def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float):
         return ds.map_batches(to_columns)
     # imagefolder without packing: labels from the class folder
     _, labels = _imagefolder_spec(Path(data_cfg.path).expanduser(), val_fraction)
-    ds = ray.data.read_binary_files(files, include_paths=True, override_num_blocks=blocks)
+    ds = ray.data.read_binary_files(files, include_paths=True, shuffle=shuffle, override_num_blocks=blocks)
 
     def with_label(batch):
         return {"image": batch["bytes"], "label": np.asarray([labels[p] for p in batch["path"]], dtype=np.int64)}
@@ -178,12 +188,28 @@ def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float):
     return ds.map_batches(with_label)
 
 
-def build_dataset(spec: DatasetSpec, split: str, data_cfg, *, img_size: int, train: bool, decode_batch_size: int = 32,
+CACHE_FRACTION = 0.05  # of the object store, for a split's encoded bytes to be cached there
+
+
+def _fits_in_object_store(spec: DatasetSpec, split: str) -> bool:
+    import ray
+
+    size = (spec.nbytes or {}).get(split)
+    if not size or not ray.is_initialized():
+        return False
+    return size < CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
+
+
+def build_dataset(spec: DatasetSpec, split: str, data_cfg, *, img_size: int, train: bool, decode_batch_size: int = DECODE_BATCH,
                   max_boxes: int = 100, val_fraction: float = 0.1):
     """One split as a streaming Ray Dataset of decoded, transformed batches (decode runs on CPU tasks)."""
-    ds = _read(spec, split, data_cfg, val_fraction)
-    if train:
-        ds = ds.randomize_block_order()
+    ds = _read(spec, split, data_cfg, val_fraction, train)
+    if _fits_in_object_store(spec, split):
+        # small split: keep the encoded bytes in the object store, so each epoch skips listing and reading the
+        # files (seconds per epoch) while decode and augmentation still run fresh every epoch
+        ds = ds.materialize()
+        if train:
+            ds = ds.randomize_block_order()
     tr = data_cfg.train_transforms.model_dump() if train else data_cfg.eval_transforms.model_dump()
     tr["mean"] = tuple(data_cfg.mean)
     return ds.map_batches(

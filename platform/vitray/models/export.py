@@ -1,0 +1,67 @@
+"""The export folder: everything serving and scoring need, and nothing else (no optimizer, no DeepSpeed).
+
+    model.safetensors     consolidated fp32 model-only weights
+    vitray_model.json     architecture (create_model arguments), task, class names, preprocessing, metrics
+
+Written at the end of training, registered in MLflow, loaded by ``vitray.tracking`` for any model URI.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import EXPORT_WEIGHTS, read_state_dict
+from .factory import create_model
+
+__all__ = ["EXPORT_META", "save_export", "load_export", "read_export_meta", "ExportError"]
+
+EXPORT_META = "vitray_model.json"
+EXPORT_VERSION = 1
+_ARCH_KEYS = ("name", "num_classes", "img_size", "in_chans", "pos_embed", "global_pool")
+
+
+class ExportError(ValueError):
+    pass
+
+
+def save_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, model: dict, task: str,
+                class_names: list[str], preprocessing: dict, metrics: dict | None = None, extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(folder / EXPORT_WEIGHTS))
+    meta = {
+        "format": "vitray-model", "format_version": EXPORT_VERSION, "task": task,
+        "model": {k: model.get(k) for k in _ARCH_KEYS}, "class_names": list(class_names),
+        "preprocessing": preprocessing, "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    (folder / EXPORT_META).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def read_export_meta(folder: str | Path) -> dict:
+    path = Path(folder).expanduser() / EXPORT_META
+    if not path.is_file():
+        raise ExportError(f"{folder}: not a vitray export folder (no {EXPORT_META})")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "vitray-model" or meta.get("format_version", 0) > EXPORT_VERSION:
+        raise ExportError(f"{path}: unsupported export format {meta.get('format')} v{meta.get('format_version')}")
+    return meta
+
+
+def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode, meta). Weights must fit exactly: an export is never partially loaded."""
+    meta = read_export_meta(folder)
+    arch = dict(meta["model"])
+    name = arch.pop("name")
+    model = create_model(name, **{k: v for k, v in arch.items() if v is not None})
+    state = read_state_dict(folder)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{folder}: weights do not fit {name}: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    return model.to(device).eval(), meta

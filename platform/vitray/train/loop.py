@@ -1,0 +1,317 @@
+"""The per-worker training loop: Ray Train V2 worker, DeepSpeed engine, task-agnostic.
+
+One code path for CPU (gloo) and GPU (NCCL): Ray Train creates the process group for the backend the
+``cluster`` section implies, and ``deepspeed.initialize`` reuses it. Every worker runs exactly
+``plan.micro_steps_per_epoch`` forwards per epoch (the streaming split gives each the same number of rows, and
+leftovers are consumed without training), so ZeRO's collectives never wait on a worker that ran out of data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vitray.config import parse_config
+
+from .plan import TrainPlan
+
+__all__ = ["train_loop_per_worker", "STATE_FILE", "DS_TAG"]
+
+STATE_FILE = "vitray_state.json"
+DS_TAG = "ds"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _prepare_cpu_deepspeed() -> None:
+    """DeepSpeed on a CPU: its CPU accelerator, and no JIT build of the shared-memory collectives op (about 100 s
+    at first use) unless asked for with VITRAY_DS_SHM_COMM=1: gloo's all-reduce serves the CPU path."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if os.environ.get("VITRAY_DS_SHM_COMM") != "1":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _all_reduce(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _repair(batch: dict) -> tuple[dict, int, bool]:
+    """Rows whose bytes failed to decode (``ok`` False) are replaced by copies of good rows of the same batch, so
+    every worker keeps the same batch shape; returns (batch, bad count, any good row)."""
+    ok = batch.pop("ok", None)
+    if ok is None or bool(ok.all()):
+        return batch, 0, True
+    good = torch.nonzero(ok).flatten()
+    bad = torch.nonzero(~ok).flatten()
+    if len(good) == 0:
+        return batch, len(bad), False
+    src = good[torch.arange(len(bad), device=good.device) % len(good)]
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.shape[:1] == ok.shape:
+            v[bad] = v[src]
+    return batch, len(bad), True
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class _Worker:
+    def __init__(self, loop_cfg: dict):
+        import ray.train
+
+        self.cfg = parse_config(loop_cfg["config"])
+        self.plan = TrainPlan(**loop_cfg["plan"])
+        self.class_names = loop_cfg["class_names"]
+        self.loop_cfg = loop_cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.is_rank0 = self.rank == 0
+        if not self.cfg.cluster.use_gpu:
+            _prepare_cpu_deepspeed()
+        import ray.train.torch
+
+        self.device = ray.train.torch.get_device()
+        self.dtype = DTYPES[self.cfg.deepspeed.precision]
+        self.last_val: dict[str, float] = {}
+        self.skipped_total = 0
+
+    # ------------------------------------------------------------------------------------------- setup
+    def build(self) -> None:
+        import deepspeed
+        import ray.train
+
+        from .ds_config import deepspeed_config
+        from .optim import build_optimizer, build_scheduler
+        from .tasks import build_task
+
+        cfg, plan = self.cfg, self.plan
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.task = build_task(cfg, self.class_names)
+        model = self.task.build_model(checkpoint=self.loop_cfg.get("init_checkpoint"))
+        if cfg.deepspeed.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        optimizer = build_optimizer(model, plan.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.layer_decay)
+        scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, plan.lr, cfg.train.min_lr,
+                                    cfg.train.schedule)
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and self.loop_cfg.get("resume_from"):
+            ckpt = ray.train.Checkpoint(self.loop_cfg["resume_from"])
+        self.ckpt = ckpt
+        self.ckpt_dir = None
+        meta = None
+        if ckpt is not None:
+            self._ckpt_ctx = ckpt.as_directory()
+            self.ckpt_dir = Path(self._ckpt_ctx.__enter__())
+            meta = json.loads((self.ckpt_dir / STATE_FILE).read_text())
+        self.universal = bool(meta and meta["world_size"] != self.world)
+        ds_cfg = deepspeed_config(cfg.deepspeed, plan, load_universal=self.universal)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+        self.global_step, self.epoch, self.micro_in_epoch = 0, 0, 0
+        if meta is not None:
+            self._restore(meta)
+        # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank + self.global_step)
+        teacher = self.loop_cfg.get("teacher_checkpoint")
+        if cfg.train.task == "classification":
+            self.task.setup(self.device, self.dtype, teacher_path=teacher)
+        else:
+            self.task.setup(self.device, self.dtype)
+
+    def _restore(self, meta: dict) -> None:
+        import torch.distributed as dist
+
+        load_dir = self.ckpt_dir
+        if self.universal:
+            # DeepSpeed refuses ZeRO optimizer state saved at another data-parallel size; its universal
+            # checkpoint re-partitions it. Convert once per node (local rank 0), then every rank loads.
+            load_dir = Path(tempfile.gettempdir()) / f"vitray-universal-{os.getpid() if self.world == 1 else 'shared'}-{meta['global_step']}"
+            if self.local_rank == 0 and not (load_dir / DS_TAG).exists():
+                import subprocess
+                import sys
+
+                subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                                str(self.ckpt_dir / DS_TAG), "--output_folder", str(load_dir / DS_TAG)],
+                               check=True, capture_output=True, text=True)
+                (load_dir / "latest").write_text(DS_TAG)
+            if dist.is_initialized():
+                dist.barrier()
+            if self.is_rank0:
+                print(f"[vitray] checkpoint of {meta['world_size']} workers -> {self.world}: "
+                      "converted to a DeepSpeed universal checkpoint", flush=True)
+        path, client = self.engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {load_dir}")
+        self.global_step = meta["global_step"]
+        self.epoch = meta["epoch"]
+        self.micro_in_epoch = meta["micro_in_epoch"]
+        self.last_val = meta.get("last_val", {})
+        self.skipped_total = meta.get("skipped_total", 0)
+        rng = self.ckpt_dir / f"rng_rank{self.rank}.pt"
+        if rng.exists() and not self.universal:
+            torch.set_rng_state(torch.load(rng, weights_only=True))
+        if self.is_rank0:
+            print(f"[vitray] resumed from {self.ckpt.path}: epoch {self.epoch}, step {self.global_step}, "
+                  f"{self.micro_in_epoch} micro-batches into the epoch", flush=True)
+
+    # ------------------------------------------------------------------------------------- checkpoint
+    def save_and_report(self, metrics: dict, epoch_done: bool) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        state = {"global_step": self.global_step, "epoch": self.epoch + 1 if epoch_done else self.epoch,
+                 "micro_in_epoch": 0 if epoch_done else self.micro_in_epoch, "world_size": self.world,
+                 "zero_stage": cfg.deepspeed.zero_stage, "precision": cfg.deepspeed.precision,
+                 "last_val": self.last_val, "skipped_total": self.skipped_total, "class_names": self.class_names}
+        with tempfile.TemporaryDirectory(prefix="vitray-ckpt-") as tmp:
+            self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state={
+                "vitray": state, "universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+            torch.save(torch.get_rng_state(), Path(tmp) / f"rng_rank{self.rank}.pt")
+            if self.is_rank0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+            ray.train.report({**self.last_val, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # -------------------------------------------------------------------------------------------- eval
+    def evaluate(self) -> dict[str, float]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("val") if self.loop_cfg.get("has_val") else None
+        if shard is None:
+            return {}
+        engine, task = self.engine, self.task
+        engine.eval()
+        sums = dict.fromkeys(task.eval_keys, 0.0)
+        skipped = 0
+        with torch.no_grad():
+            for batch in shard.iter_torch_batches(batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
+                                                  device=self.device):
+                ok = batch.pop("ok")
+                skipped += int((~ok).sum())
+                batch = {k: v[ok] for k, v in batch.items()}
+                if not len(batch["image"]):
+                    continue
+                for k, v in task.eval_sums(engine, batch, self.dtype).items():
+                    sums[k] += v
+        reduced = _all_reduce([sums[k] for k in task.eval_keys] + [skipped], self.device)
+        sums = dict(zip(task.eval_keys, reduced[:-1]))
+        engine.train()
+        metrics = task.eval_metrics(sums)
+        metrics["val/skipped_images"] = reduced[-1]
+        self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        return metrics
+
+    # -------------------------------------------------------------------------------------------- train
+    def run(self) -> None:
+        import ray.train
+
+        cfg, plan, engine, task = self.cfg, self.plan, self.engine, self.task
+        shard = ray.train.get_dataset_shard("train")
+        kill_at = int(os.environ.get("VITRAY_TEST_KILL_AT_STEP", "0"))
+        kill_marker = os.environ.get("VITRAY_TEST_KILL_MARKER", "")
+        log_every = min(cfg.train.log_every_steps, plan.steps_per_epoch)
+        t_start = time.perf_counter()
+        steps_at_start = self.global_step
+        engine.train()
+        while self.epoch < plan.epochs and self.global_step < plan.total_steps:
+            skip = self.micro_in_epoch
+            micro = 0
+            win_loss = win_n = win_imgs = 0.0
+            win_t = time.perf_counter()
+            epoch_skipped = 0
+            t_epoch0 = time.perf_counter()
+            t_first = None
+            for batch in shard.iter_torch_batches(batch_size=plan.micro_batch, drop_last=True, device=self.device,
+                                                  local_shuffle_buffer_size=max(4 * plan.micro_batch, 256)):
+                t_first = t_first or time.perf_counter()
+                if micro < skip or micro >= plan.micro_steps_per_epoch or self.global_step >= plan.total_steps:
+                    micro += 1  # resume position, leftover rows: consumed, not trained on
+                    continue
+                batch, bad, any_good = _repair(batch)
+                epoch_skipped += bad
+                loss = task.training_loss(engine, batch, self.dtype)
+                if not any_good:
+                    loss = loss * 0.0  # keep the collectives in step; nothing learned from an all-bad batch
+                engine.backward(loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
+                micro += 1
+                self.micro_in_epoch = micro
+                win_loss += float(loss.detach())
+                win_n += 1
+                win_imgs += len(batch["image"])
+                if not boundary:
+                    continue
+                self.global_step += 1
+                if kill_at and self.global_step == kill_at and self.rank == self.world - 1 and kill_marker \
+                        and not os.path.exists(kill_marker):
+                    Path(kill_marker).write_text(str(self.global_step))  # test hook: die once, like a lost node
+                    os.kill(os.getpid(), signal.SIGKILL)
+                metrics = None
+                if self.global_step % log_every == 0 or self.global_step == plan.total_steps:
+                    loss_sum, n, imgs, skipped = _all_reduce([win_loss, win_n, win_imgs, epoch_skipped], self.device)
+                    dt = time.perf_counter() - win_t
+                    metrics = {"train/loss": loss_sum / max(n, 1), "train/lr": self.scheduler.get_last_lr()[0],
+                               "train/images_per_s": imgs / max(dt, 1e-9), "epoch": self.epoch, "step": self.global_step,
+                               "train/skipped_images": self.skipped_total + skipped}
+                    if self.is_rank0:
+                        done = self.global_step - steps_at_start
+                        rate = done / max(time.perf_counter() - t_start, 1e-9)
+                        print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} step {self.global_step}/{plan.total_steps} "
+                              f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
+                              f"{metrics['train/images_per_s']:.0f} img/s eta {_fmt_eta((plan.total_steps - self.global_step) / max(rate, 1e-9))}",
+                              flush=True)
+                    win_loss = win_n = win_imgs = 0.0
+                    win_t = time.perf_counter()
+                if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0 \
+                        and micro < plan.micro_steps_per_epoch:
+                    self.evaluate()
+                if cfg.train.checkpoint_every_steps and self.global_step % cfg.train.checkpoint_every_steps == 0 \
+                        and micro < plan.micro_steps_per_epoch and self.global_step < plan.total_steps:
+                    self.save_and_report(metrics or {"epoch": self.epoch, "step": self.global_step}, epoch_done=False)
+            t_ep = time.perf_counter()
+            self.skipped_total += int(_all_reduce([epoch_skipped], self.device)[0])
+            val = self.evaluate()
+            t_eval = time.perf_counter()
+            metrics = {"epoch": self.epoch, "step": self.global_step, "train/skipped_images": self.skipped_total, **val}
+            if self.is_rank0 and val:
+                shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "val/skipped_images")
+                print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", flush=True)
+            self.save_and_report(metrics, epoch_done=True)
+            if self.is_rank0 and os.environ.get("VITRAY_DEBUG_TIMING"):
+                print(f"[timing] epoch total {time.perf_counter() - t_epoch0:.2f}s first batch {t_first - t_epoch0:.2f}s "
+                      f"eval {t_eval - t_ep:.2f}s ckpt {time.perf_counter() - t_eval:.2f}s", flush=True)
+            self.epoch += 1
+            self.micro_in_epoch = 0
+
+    def export(self) -> None:
+        """Consolidated fp32 model-only weights (gathered from the ZeRO partitions) into the export folder."""
+        from .export import gather_fp32_state_dict, write_export
+
+        state = gather_fp32_state_dict(self.engine)
+        if self.is_rank0:
+            write_export(self.loop_cfg["export_dir"], state, self.cfg, self.class_names,
+                         metrics={**self.last_val, "step": self.global_step})
+            print(f"[vitray] exported model to {self.loop_cfg['export_dir']}", flush=True)
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    worker = _Worker(loop_cfg)
+    worker.build()
+    worker.run()
+    worker.export()

@@ -1,0 +1,162 @@
+"""Driver side of ``vitray train``: config -> datasets -> Ray Train V2 ``TorchTrainer`` -> export folder.
+
+``cluster`` maps onto Ray Train: ``num_workers``/``use_gpu``/``cpus_per_worker``/``gpus_per_worker`` onto
+``ScalingConfig``; ``storage_path``/``run_name``/``max_failures``/checkpoint retention onto ``RunConfig``. A worker
+failure restarts the group from the last reported checkpoint (up to ``max_failures``); a rerun with the same run
+name (``vitray train CONFIG --resume RUN``) restores the latest checkpoint of that run.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitray.config import RunConfig, check_config, dump_config, vitray_home
+
+__all__ = ["TrainResult", "run_training", "init_ray", "storage_root"]
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    export_dir: str
+    metrics: dict
+    checkpoint: str | None
+    seconds: float
+
+
+def storage_root(cfg: RunConfig) -> str:
+    return cfg.cluster.storage_path or str(vitray_home() / "runs")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray pinned to 127.0.0.1. Returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env,
+             configure_logging=False)
+    return True
+
+
+def _local_cpus(cfg: RunConfig) -> int:
+    """Logical CPUs for a local Ray: the trainers' reservation plus room for Ray Data's decode tasks. On a small
+    machine this oversubscribes the cores on purpose: trainers and decoders then share them, as threads would."""
+    cores = os.cpu_count() or 1
+    trainers = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
+    return max(cores, trainers + max(2, cores // 2))
+
+
+def _resolve_weights(uri: str | None) -> str | None:
+    """A local weights path as is; a models:/ or runs:/ URI through the MLflow registry (vitray.tracking)."""
+    from vitray.config import is_model_uri
+
+    if not uri or not is_model_uri(uri):
+        return uri
+    try:
+        from vitray.tracking.uris import resolve_model_uri
+    except ImportError as err:  # pragma: no cover - tracking ships with vitray
+        raise RuntimeError(f"cannot resolve {uri}: {err}") from None
+    return str(resolve_model_uri(uri))
+
+
+def _maybe_materialize_val(datasets: dict, spec, cfg: RunConfig, img_size: int) -> None:
+    """The eval transform is deterministic: when the decoded val split fits comfortably in the object store (a
+    fifth of it), decode it once instead of re-reading and re-decoding it every epoch (seconds per epoch saved on
+    small sets; large sets keep streaming)."""
+    import ray
+
+    if "val" not in datasets:
+        return
+    rows = spec.counts.get(cfg.data.val_split)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    if rows and rows * 3 * img_size * img_size < 0.2 * store:
+        datasets["val"] = datasets["val"].materialize()
+
+
+def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | None = None,
+                 resume_from_checkpoint: str | None = None, extra_env: dict | None = None) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vitray.data.pipeline import build_datasets, dataset_spec
+    from vitray.models.zoo import default_img_size
+
+    from .loop import train_loop_per_worker
+    from .plan import make_plan
+
+    check_config(cfg)
+    t0 = time.perf_counter()
+    spec = dataset_spec(cfg.data)
+    img_size = cfg.model.img_size or default_img_size(cfg.model.name)
+    address = address or cfg.cluster.address
+    started = init_ray(address, None if address else _local_cpus(cfg))
+    try:
+        spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec)
+        train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
+        _maybe_materialize_val(datasets, spec, cfg, img_size)
+        plan = make_plan(cfg, train_rows)
+        run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage = storage_root(cfg)
+        if "://" not in storage:
+            storage = str(Path(storage).expanduser().resolve())
+            Path(storage).mkdir(parents=True, exist_ok=True)
+        run_dir = f"{storage.rstrip('/')}/{run_name}"
+        export_dir = f"{run_dir}/export"
+        if "://" not in run_dir:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, Path(run_dir) / "config.yaml")
+        print(f"[vitray] run {run_name}: {plan.train_rows:,} train images, {plan.epochs} epochs x {plan.steps_per_epoch} "
+              f"steps = {plan.total_steps} optimizer steps; global batch {plan.global_batch} = {plan.micro_batch} x "
+              f"accum {plan.grad_accum} x {plan.num_workers} workers; {plan.lr_rule}; ZeRO-{cfg.deepspeed.zero_stage} "
+              f"{cfg.deepspeed.precision}, {'GPU/NCCL' if cfg.cluster.use_gpu else 'CPU/gloo'}", flush=True)
+        loop_cfg = {
+            "config": cfg.model_dump(mode="json"), "plan": plan.as_dict(), "class_names": spec.class_names,
+            "has_val": "val" in datasets, "export_dir": export_dir, "run_dir": run_dir,
+            "init_checkpoint": _resolve_weights(cfg.model.checkpoint),
+            "teacher_checkpoint": _resolve_weights(cfg.train.distillation.teacher),
+            "resume_from": resume_from_checkpoint, "dataset_fingerprint": spec.fingerprint,
+        }
+        resources = {"CPU": cfg.cluster.cpus_per_worker}
+        if cfg.cluster.use_gpu:
+            resources["GPU"] = cfg.cluster.gpus_per_worker
+        score = cfg.cluster.checkpoint_score_metric if "val" in datasets else None
+        env = {"PYTHONWARNINGS": "ignore", **(extra_env or {})}
+        if not cfg.cluster.use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        for key in ("VITRAY_TEST_KILL_AT_STEP", "VITRAY_TEST_KILL_MARKER", "VITRAY_DS_SHM_COMM", "TORCH_EXTENSIONS_DIR",
+                    "MLFLOW_TRACKING_URI", "VITRAY_HOME"):
+            if key in os.environ:
+                env.setdefault(key, os.environ[key])
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_cfg,
+            scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+                                         resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+            datasets=datasets,
+            run_config=RayRunConfig(
+                name=run_name, storage_path=storage,
+                failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep,
+                                                   checkpoint_score_attribute=score,
+                                                   checkpoint_score_order=cfg.cluster.checkpoint_score_mode),
+                worker_runtime_env={"env_vars": env},
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        return TrainResult(run_name, run_dir, export_dir, dict(result.metrics or {}),
+                           result.checkpoint.path if result.checkpoint else None, time.perf_counter() - t0)
+    finally:
+        if started:
+            ray.shutdown()
