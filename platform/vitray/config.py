@@ -90,6 +90,8 @@ class DataConfig(_Section):
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
     switch_prob: float = Field(0.5, ge=0.0, le=1.0)
     max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels are refused (decompression bombs)")
+    shuffle: bool = Field(True, description="shuffle file and block order each epoch; false: a fixed stream order "
+                                            "(reproducible runs), mixed only by the seeded local shuffle buffer")
     seed: int = 0
 
 

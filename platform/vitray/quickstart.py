@@ -50,39 +50,29 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
           f"in {len(manifest.shards)} shards -> {shards} ({time.perf_counter() - t:.1f}s)")
     summary.append(("shards", str(shards)))
 
-    t = _stage(3, f"model: {cfg.model.name}")
-    import torch
+    t = _stage(3, f"train: {cfg.model.name} on {cfg.cluster.num_workers} Ray Train workers, DeepSpeed "
+                  f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}")
+    from vitray.train import run_training
 
-    from vitray.models import create_model_from_config, model_info
+    if cfg.cluster.storage_path is None:
+        cfg.cluster.storage_path = str(root / "runs")
+    cfg.cluster.run_name = f"{cfg.cluster.run_name or 'quickstart'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_training(cfg)
+    top1 = result.metrics.get("val/top1")
+    print(f"    val top-1 {top1:.3f} after {result.metrics.get('step')} optimizer steps ({result.seconds:.0f}s)")
+    summary.append(("run storage", result.run_dir))
+    summary.append(("exported model", result.export_dir))
+    summary.append(("metrics log", f"{result.run_dir}/metrics.jsonl"))
 
-    model = create_model_from_config(cfg.model).eval()
-    info = model_info(cfg.model.name, cfg.model.img_size)
-    print(f"    {info.params / 1e6:.2f}M parameters, {info.gflops:.2f} GFLOPs/image at {info.img_size}px, "
-          f"pos_embed={cfg.model.pos_embed} ({time.perf_counter() - t:.1f}s)")
+    t = _stage(4, "check the export offline: load it and classify the val split without Ray")
+    from vitray.models.export import load_export
 
-    t = _stage(4, "stream the val split through Ray Data (decode + eval transform on CPU tasks) into the model")
-    import ray
+    from .offline import evaluate_export
 
-    from vitray.data.pipeline import build_dataset, dataset_spec
-    from vitray.data.transforms import normalize_batch
-
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-    try:
-        spec = dataset_spec(cfg.data)
-        ds = build_dataset(spec, cfg.data.val_split, cfg.data, img_size=info.img_size, train=False)
-        correct = seen = 0
-        with torch.inference_mode():
-            for batch in ds.iter_torch_batches(batch_size=cfg.data.batch_size):
-                logits = model(normalize_batch(batch["image"], cfg.data.mean, cfg.data.std))
-                correct += int((logits.argmax(1) == batch["label"]).sum())
-                seen += len(logits)
-    finally:
-        if started_ray:
-            ray.shutdown()
-    print(f"    {seen} val images streamed; untrained top-1 {correct / seen:.3f} (chance 0.1) "
-          f"({time.perf_counter() - t:.1f}s)")
+    model, meta = load_export(result.export_dir)
+    acc, n = evaluate_export(model, meta, str(shards), split=cfg.data.val_split)
+    print(f"    {n} val images, top-1 {acc:.3f} from {meta['model']['name']} with classes "
+          f"{', '.join(meta['class_names'])} ({time.perf_counter() - t:.1f}s)")
 
     print(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
     for what, where in summary:

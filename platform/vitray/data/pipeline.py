@@ -161,7 +161,8 @@ def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float, train: b
     if not files:
         raise ValueError(f"no {split!r} split in {data_cfg.path} (has: {', '.join(spec.files) or 'nothing'})")
     blocks = max(len(files), 8)
-    shuffle = "files" if train else None  # a new file order every epoch; rows are mixed by the trainer's shuffle buffer
+    # a new file order every epoch; rows are further mixed by the trainer's local shuffle buffer
+    shuffle = "files" if train and data_cfg.shuffle else None
     if spec.format in ("shards", "parquet"):
         cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
         ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=blocks).select_columns(cols)
@@ -208,8 +209,10 @@ def build_dataset(spec: DatasetSpec, split: str, data_cfg, *, img_size: int, tra
         # small split: keep the encoded bytes in the object store, so each epoch skips listing and reading the
         # files (seconds per epoch) while decode and augmentation still run fresh every epoch
         ds = ds.materialize()
-        if train:
+        if train and data_cfg.shuffle:
             ds = ds.randomize_block_order()
+    if not data_cfg.shuffle:
+        ds.context.execution_options.preserve_order = True  # a fixed stream order: reproducible runs
     tr = data_cfg.train_transforms.model_dump() if train else data_cfg.eval_transforms.model_dump()
     tr["mean"] = tuple(data_cfg.mean)
     return ds.map_batches(

@@ -20,9 +20,10 @@ from vitray.config import parse_config
 
 from .plan import TrainPlan
 
-__all__ = ["train_loop_per_worker", "STATE_FILE", "DS_TAG"]
+__all__ = ["train_loop_per_worker", "build_engine", "optimizer_state_norms", "STATE_FILE", "DS_TAG", "METRICS_LOG"]
 
 STATE_FILE = "vitray_state.json"
+METRICS_LOG = "metrics.jsonl"  # in the run folder: one JSON line per logged step and per event (rank 0)
 DS_TAG = "ds"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,6 +69,41 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def build_engine(cfg, plan: TrainPlan, model: torch.nn.Module, *, load_universal: bool = False):
+    """AdamW over the model's parameter groups, the warmup+cosine schedule, and the DeepSpeed engine around them.
+    Returns (engine, scheduler). Needs the process group (Ray Train's, or any torch.distributed one)."""
+    import deepspeed
+
+    from .ds_config import deepspeed_config
+    from .optim import build_optimizer, build_scheduler
+
+    if cfg.deepspeed.activation_checkpointing:
+        model.set_grad_checkpointing(True)  # timm's per-block torch.utils.checkpoint
+    optimizer = build_optimizer(model, plan.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.layer_decay)
+    scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, plan.lr, cfg.train.min_lr,
+                                cfg.train.schedule)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=deepspeed_config(cfg.deepspeed, plan, load_universal=load_universal),
+                                                   dist_init_required=False)
+    return engine, scheduler
+
+
+def optimizer_state_norms(engine) -> dict[str, float]:
+    """Sum of squares of this rank's Adam moments and their element count: what a fresh optimizer lacks (zeros),
+    and what ZeRO partitions (about 1/N of ZeRO-0's element count per rank at stage 1 and 2)."""
+    inner = engine.optimizer
+    while hasattr(inner, "optimizer") and not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    sq = numel = 0.0
+    for state in inner.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            t = state.get(key)
+            if isinstance(t, torch.Tensor):
+                sq += float(t.double().pow(2).sum())
+                numel += t.numel()
+    return {"moments_sq_sum": sq, "moments_numel": numel}
+
+
 class _Worker:
     def __init__(self, loop_cfg: dict):
         import ray.train
@@ -91,22 +127,14 @@ class _Worker:
 
     # ------------------------------------------------------------------------------------------- setup
     def build(self) -> None:
-        import deepspeed
         import ray.train
 
-        from .ds_config import deepspeed_config
-        from .optim import build_optimizer, build_scheduler
         from .tasks import build_task
 
         cfg, plan = self.cfg, self.plan
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = build_task(cfg, self.class_names)
         model = self.task.build_model(checkpoint=self.loop_cfg.get("init_checkpoint"))
-        if cfg.deepspeed.activation_checkpointing:
-            model.set_grad_checkpointing(True)
-        optimizer = build_optimizer(model, plan.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.layer_decay)
-        scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, plan.lr, cfg.train.min_lr,
-                                    cfg.train.schedule)
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None and self.loop_cfg.get("resume_from"):
@@ -119,9 +147,7 @@ class _Worker:
             self.ckpt_dir = Path(self._ckpt_ctx.__enter__())
             meta = json.loads((self.ckpt_dir / STATE_FILE).read_text())
         self.universal = bool(meta and meta["world_size"] != self.world)
-        ds_cfg = deepspeed_config(cfg.deepspeed, plan, load_universal=self.universal)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+        self.engine, self.scheduler = build_engine(cfg, plan, model, load_universal=self.universal)
         self.global_step, self.epoch, self.micro_in_epoch = 0, 0, 0
         if meta is not None:
             self._restore(meta)
@@ -166,9 +192,22 @@ class _Worker:
         rng = self.ckpt_dir / f"rng_rank{self.rank}.pt"
         if rng.exists() and not self.universal:
             torch.set_rng_state(torch.load(rng, weights_only=True))
+        norms = optimizer_state_norms(self.engine)
+        reduced = _all_reduce([norms["moments_sq_sum"], norms["moments_numel"]], self.device)
+        self.log_line({"event": "resumed", "step": self.global_step, "epoch": self.epoch, "from_workers": meta["world_size"],
+                       "workers": self.world, "universal": self.universal, "optimizer_moments_sq_sum": reduced[0],
+                       "optimizer_moments_numel": reduced[1]})
         if self.is_rank0:
             print(f"[vitray] resumed from {self.ckpt.path}: epoch {self.epoch}, step {self.global_step}, "
                   f"{self.micro_in_epoch} micro-batches into the epoch", flush=True)
+
+    def log_line(self, record: dict) -> None:
+        """Append to <run>/metrics.jsonl (rank 0, local run storage): the run's own record of every logged step."""
+        run_dir = self.loop_cfg.get("run_dir", "")
+        if not self.is_rank0 or not run_dir or "://" in run_dir:
+            return
+        with open(Path(run_dir) / METRICS_LOG, "a") as f:
+            f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
     # ------------------------------------------------------------------------------------- checkpoint
     def save_and_report(self, metrics: dict, epoch_done: bool) -> None:
@@ -237,7 +276,8 @@ class _Worker:
             t_epoch0 = time.perf_counter()
             t_first = None
             for batch in shard.iter_torch_batches(batch_size=plan.micro_batch, drop_last=True, device=self.device,
-                                                  local_shuffle_buffer_size=max(4 * plan.micro_batch, 256)):
+                                                  local_shuffle_buffer_size=max(4 * plan.micro_batch, 256),
+                                                  local_shuffle_seed=cfg.data.seed + 1000 * self.epoch + self.rank):
                 t_first = t_first or time.perf_counter()
                 if micro < skip or micro >= plan.micro_steps_per_epoch or self.global_step >= plan.total_steps:
                     micro += 1  # resume position, leftover rows: consumed, not trained on
@@ -276,6 +316,7 @@ class _Worker:
                               f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
                               f"{metrics['train/images_per_s']:.0f} img/s eta {_fmt_eta((plan.total_steps - self.global_step) / max(rate, 1e-9))}",
                               flush=True)
+                    self.log_line(metrics)
                     win_loss = win_n = win_imgs = 0.0
                     win_t = time.perf_counter()
                 if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0 \
@@ -289,6 +330,7 @@ class _Worker:
             val = self.evaluate()
             t_eval = time.perf_counter()
             metrics = {"epoch": self.epoch, "step": self.global_step, "train/skipped_images": self.skipped_total, **val}
+            self.log_line({"event": "epoch_end", **metrics})
             if self.is_rank0 and val:
                 shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "val/skipped_images")
                 print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", flush=True)
