@@ -37,8 +37,12 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
-                 configure_logging=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}})
+        # 4 logical CPUs on 2 cores, as `vitray train` starts a local Ray: 2 trainer workers + room for Ray Data
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False,
+                 # tests/ on the workers path: test-defined Ray Train loops are pickled by reference
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore",
+                                           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}})
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

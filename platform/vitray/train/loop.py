@@ -298,10 +298,6 @@ class _Worker:
                 if not boundary:
                     continue
                 self.global_step += 1
-                if kill_at and self.global_step == kill_at and self.rank == self.world - 1 and kill_marker \
-                        and not os.path.exists(kill_marker):
-                    Path(kill_marker).write_text(str(self.global_step))  # test hook: die once, like a lost node
-                    os.kill(os.getpid(), signal.SIGKILL)
                 metrics = None
                 if self.global_step % log_every == 0 or self.global_step == plan.total_steps:
                     loss_sum, n, imgs, skipped = _all_reduce([win_loss, win_n, win_imgs, epoch_skipped], self.device)
@@ -325,6 +321,14 @@ class _Worker:
                 if cfg.train.checkpoint_every_steps and self.global_step % cfg.train.checkpoint_every_steps == 0 \
                         and micro < plan.micro_steps_per_epoch and self.global_step < plan.total_steps:
                     self.save_and_report(metrics or {"epoch": self.epoch, "step": self.global_step}, epoch_done=False)
+                if kill_at and self.global_step == kill_at and self.rank == self.world - 1 and kill_marker \
+                        and not os.path.exists(kill_marker):
+                    # test hook: die once, like a lost node. Wait out Ray Train's 2 s health-check poll first, so
+                    # the controller has registered the checkpoints already reported (a real failure within that
+                    # window resumes from the checkpoint before)
+                    time.sleep(5)
+                    Path(kill_marker).write_text(str(self.global_step))
+                    os.kill(os.getpid(), signal.SIGKILL)
             t_ep = time.perf_counter()
             self.skipped_total += int(_all_reduce([epoch_skipped], self.device)[0])
             val = self.evaluate()

@@ -1,0 +1,273 @@
+"""Training on a real local Ray instance with 2 CPU workers running the real DeepSpeed engine (gloo)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitray.config import parse_config
+from vitray.data.pack import pack
+from vitray.train.plan import make_plan
+
+RECIPE = {  # the quickstart recipe (platform/vitray/configs/quickstart.yaml), shortened where a test allows
+    "model": {"name": "vit_pico_patch4_32", "num_classes": 10, "pos_embed": "sincos"},
+    "data": {"batch_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
+             "train_transforms": {"scale": [0.6, 1.0], "hflip": 0.0}, "eval_transforms": {"crop_pct": 1.0}},
+    "train": {"epochs": 25, "lr": 6e-3, "warmup_epochs": 2, "label_smoothing": 0.1, "log_every_steps": 50},
+    "deepspeed": {"zero_stage": 2},
+    "cluster": {"num_workers": 2},
+}
+DETERMINISTIC = {"shuffle": False, "train_transforms": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0}}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    pack("-", str(out), "sklearn-digits", val_fraction=0.1, progress=False)
+    return str(out)
+
+
+def make_cfg(digits: str, tmp_path: Path, **over):
+    cfg = merge(RECIPE, {"data": {"path": digits}, "cluster": {"storage_path": str(tmp_path / "runs")}})
+    return parse_config(merge(cfg, over))
+
+
+def read_log(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def export_weights(result) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(result.export_dir) / "model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def test_plan_batch_math_and_lr_rule(digits, tmp_path):
+    cfg = make_cfg(digits, tmp_path, deepspeed={"grad_accum": 2}, train={"lr": 1e-3, "lr_base_batch_size": 512})
+    plan = make_plan(cfg, 1602)
+    assert plan.global_batch == 64 * 2 * 2 == 256
+    assert plan.micro_steps_per_epoch == 1602 // 2 // 64 == 12 and plan.steps_per_epoch == 6
+    assert plan.lr == pytest.approx(1e-3 * 256 / 512) and "256/512 (linear)" in plan.lr_rule
+    assert plan.total_steps == 25 * 6 and plan.warmup_steps == 12
+    cfg = make_cfg(digits, tmp_path, train={"steps": 40, "lr_scaling": "sqrt", "lr_base_batch_size": 128})
+    plan = make_plan(cfg, 1602)
+    assert plan.total_steps == 40 and plan.epochs == 4 and plan.lr == pytest.approx(6e-3)
+
+
+def test_param_groups_skip_decay_on_norms_biases_tokens():
+    from vitray.models import create_model
+    from vitray.train.optim import param_groups
+
+    model = create_model("vit_pico_patch4_32", num_classes=10)
+    groups = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.bias"} <= no_decay
+    assert {"blocks.0.attn.qkv.weight", "head.weight", "patch_embed.proj.weight"} <= decay
+    ld = param_groups(model, 0.05, layer_decay=0.5)
+    scales = sorted({g["lr_scale"] for g in ld})
+    assert scales[-1] == 1.0 and scales[0] == pytest.approx(0.5 ** 5)  # embeddings: 4 blocks + head below the top
+
+
+# --------------------------------------------------------------------------------------- distillation
+def test_distillation_teacher_frozen_eval_and_reaches_loss(tmp_path):
+    from safetensors.torch import save_file
+
+    from vitray.models import create_model
+    from vitray.train.tasks import build_task
+
+    torch.manual_seed(0)
+    teacher_a = create_model("vit_pico_patch4_32", num_classes=10, drop_path=0.5)
+    save_file(teacher_a.state_dict(), str(tmp_path / "a.safetensors"))
+    teacher_b = create_model("vit_pico_patch4_32", num_classes=10)
+    save_file(teacher_b.state_dict(), str(tmp_path / "b.safetensors"))
+    batch = {"image": torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([0, 1, 2, 3])}
+    losses = {}
+    for name in ("a", "b"):
+        cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": 10},
+                            "train": {"distillation": {"teacher": str(tmp_path / f"{name}.safetensors"), "kind": "soft",
+                                                       "alpha": 1.0}}})
+        task = build_task(cfg, [str(i) for i in range(10)])
+        task.setup(torch.device("cpu"), torch.float32)
+        torch.manual_seed(1)
+        student = task.build_model()
+        task.teacher.train()  # even if someone flips it, the task evaluates it in eval mode
+        loss = task.training_loss(student, batch, torch.float32)
+        assert not task.teacher.training and all(not p.requires_grad for p in task.teacher.parameters())
+        loss.backward()
+        assert all(p.grad is None for p in task.teacher.parameters())
+        assert student.head.weight.grad.abs().sum() > 0
+        losses[name] = float(loss.detach())
+    assert losses["a"] != pytest.approx(losses["b"])  # the teacher's outputs reach the loss
+
+
+def test_hard_distillation_uses_distillation_token(tmp_path):
+    from vitray.models import create_model
+    from vitray.train.tasks import build_task
+
+    teacher = create_model("vit_pico_patch4_32", num_classes=5)
+    torch.save(teacher.state_dict(), tmp_path / "t.pth")
+    cfg = parse_config({"model": {"name": "deit_tiny_distilled_patch16_224", "num_classes": 5, "img_size": 32},
+                        "train": {"distillation": {"teacher": str(tmp_path / "t.pth"), "teacher_model": "vit_pico_patch4_32",
+                                                   "alpha": 1.0}}})
+    task = build_task(cfg, [str(i) for i in range(5)])
+    task.setup(torch.device("cpu"), torch.float32)
+    assert task.distill_kind == "hard"
+    student = task.build_model()
+    loss = task.training_loss(student, {"image": torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "label": torch.tensor([0, 1])},
+                              torch.float32)
+    loss.backward()
+    assert student.head_dist.weight.grad.abs().sum() > 0  # alpha=1: only the distillation head learns
+    assert student.head.weight.grad is None or student.head.weight.grad.abs().sum() == 0
+
+
+# ------------------------------------------------------------------------------------- ZeRO equivalence
+def _zero_stages_loop(config):
+    """Ray Train worker: the same model, data and seed through vitray's engine factory at each ZeRO stage."""
+    import ray.train
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from vitray.models import create_model
+    from vitray.train.loop import _prepare_cpu_deepspeed, build_engine, optimizer_state_norms
+    from vitray.train.plan import TrainPlan
+
+    _prepare_cpu_deepspeed()
+    rank = ray.train.get_context().get_world_rank()
+    g = torch.Generator().manual_seed(100 + rank)
+    xs = torch.randn(config["steps"], 16, 3, 32, 32, generator=g)
+    ys = torch.randint(0, 10, (config["steps"], 16), generator=g)
+    out = {}
+    for stage in (0, 1, 2, 3):
+        cfg = parse_config({"model": {"name": "vit_pico_patch4_32"}, "data": {"batch_size": 16},
+                            "train": {"lr": 1e-3, "lr_scaling": "none", "warmup_steps": 2},
+                            "deepspeed": {"zero_stage": stage}})
+        plan = TrainPlan(16, 1, 2, 32, 1e-3, "", 640, 20, 20, config["steps"], 1, 2)
+        torch.manual_seed(0)
+        engine, _ = build_engine(cfg, plan, create_model("vit_pico_patch4_32", num_classes=10))
+        losses = []
+        for i in range(config["steps"]):
+            loss = F.cross_entropy(engine(xs[i % 4]), ys[i % 4])  # 4 batches cycled: learnable
+            engine.backward(loss)
+            engine.step()
+            t = loss.detach().clone()
+            dist.all_reduce(t)
+            losses.append(float(t) / 2)
+        out[stage] = {"losses": losses, **optimizer_state_norms(engine)}
+        del engine
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+def test_zero_stages_same_losses_and_partitioned_state(ray_cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(_zero_stages_loop, train_loop_config={"steps": 20, "out": str(tmp_path / "zero.json")},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name="zero", storage_path=str(tmp_path),
+                                                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}))
+    trainer.fit()
+    res = json.loads((tmp_path / "zero.json").read_text())
+    base = np.array(res["0"]["losses"])
+    assert base[-1] < base[0]  # it trains
+    for stage in ("1", "2", "3"):
+        # fp32 throughout; ZeRO changes only the order of the gradient reductions (bucketed reduce-scatter vs one
+        # all-reduce), i.e. float32 rounding (~1e-7 relative per step); 1e-4 absolute bounds 20 Adam steps of it
+        np.testing.assert_allclose(res[stage]["losses"], base, atol=1e-4, rtol=0)
+    full = res["0"]["moments_numel"]
+    for stage in ("1", "2"):
+        ratio = res[stage]["moments_numel"] / full
+        assert 0.45 <= ratio <= 0.55, (stage, ratio)  # each of 2 ranks holds about half of the Adam moments
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_digits_reaches_90_percent(ray_cluster, digits, tmp_path):
+    from vitray.models.export import load_export
+    from vitray.offline import evaluate_export
+    from vitray.train import run_training
+
+    result = run_training(make_cfg(digits, tmp_path))
+    assert result.metrics["val/top1"] >= 0.90, result.metrics
+    model, meta = load_export(result.export_dir)
+    acc, n = evaluate_export(model, meta, digits)
+    assert n == 195 and abs(acc - result.metrics["val/top1"]) < 1e-9  # the export is the model that was evaluated
+    log = read_log(result.run_dir)
+    assert [r["step"] for r in log if "train/loss" in r][-1] == 300
+    assert {"train/loss", "train/lr", "train/images_per_s", "epoch", "step"} <= set(log[0])
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_without_repeats_or_gaps(ray_cluster, digits, tmp_path, monkeypatch):
+    from vitray.train import run_training
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VITRAY_TEST_KILL_AT_STEP", "8")
+    monkeypatch.setenv("VITRAY_TEST_KILL_MARKER", str(marker))
+    cfg = make_cfg(digits, tmp_path, train={"epochs": 2, "log_every_steps": 1, "checkpoint_every_steps": 5},
+                   cluster={"max_failures": 1, "run_name": "ft"})
+    result = run_training(cfg)
+    assert marker.read_text() == "8"  # the hook really killed a worker at step 8
+    assert result.metrics["step"] == 24  # 2 epochs x 12 optimizer steps: exactly the configured number
+    log = read_log(result.run_dir)
+    resumed = [i for i, r in enumerate(log) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and log[resumed[0]]["step"] == 5  # restarted from the step-5 checkpoint
+    after = [r["step"] for r in log[resumed[0] + 1:] if "train/loss" in r]
+    assert after == list(range(6, 25))  # neither repeats nor skips
+    before = [r["step"] for r in log[:resumed[0]] if "train/loss" in r]
+    assert before == list(range(1, 9))  # the killed attempt got to step 8; steps 6-8 were redone from the checkpoint
+
+
+@pytest.mark.slow
+def test_stopped_job_resumes_to_the_same_weights(ray_cluster, digits, tmp_path, monkeypatch):
+    from vitray.train import run_training
+
+    over = {"data": DETERMINISTIC, "train": {"epochs": 2}, "cluster": {"num_workers": 1, "max_failures": 0}}
+    full = run_training(make_cfg(digits, tmp_path / "a", **merge(over, {"cluster": {"run_name": "full"}})))
+    # the same run, stopped right after the epoch-1 checkpoint (the driver sees the failure and gives up), then resumed
+    monkeypatch.setenv("VITRAY_TEST_KILL_AT_STEP", "26")
+    monkeypatch.setenv("VITRAY_TEST_KILL_MARKER", str(tmp_path / "killed"))
+    cfg = make_cfg(digits, tmp_path / "b", **merge(over, {"cluster": {"run_name": "stopped"}}))
+    with pytest.raises(Exception):
+        run_training(cfg)
+    monkeypatch.delenv("VITRAY_TEST_KILL_AT_STEP")
+    resumed = run_training(cfg, resume="stopped")
+    assert [r for r in read_log(resumed.run_dir) if r.get("event") == "resumed"][0]["step"] == 25
+    a, b = export_weights(full), export_weights(resumed)
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    # one worker, a fixed stream order and deterministic transforms: the resumed run sees the same batches and
+    # restores weights, Adam moments, lr schedule and step; CPU kernels are deterministic, so equality is exact
+    assert diff == 0.0, diff
+
+
+@pytest.mark.slow
+def test_zero2_checkpoint_of_2_workers_resumes_on_1(ray_cluster, digits, tmp_path):
+    from vitray.train import run_training
+
+    first = run_training(make_cfg(digits, tmp_path, train={"epochs": 1}, cluster={"run_name": "two"}))
+    assert first.checkpoint
+    cfg = make_cfg(digits, tmp_path, train={"epochs": 2}, cluster={"num_workers": 1, "run_name": "one"})
+    second = run_training(cfg, resume_from_checkpoint=first.checkpoint)
+    event = [r for r in read_log(second.run_dir) if r.get("event") == "resumed"][0]
+    assert event["universal"] is True and event["from_workers"] == 2 and event["workers"] == 1
+    assert event["step"] == 12
+    # the Adam moments came back (a fresh optimizer has none), for all ~0.56M parameters on the single rank
+    assert event["optimizer_moments_sq_sum"] > 0 and event["optimizer_moments_numel"] >= 2 * 0.5e6
+    steps = [r["step"] for r in read_log(second.run_dir) if "train/loss" in r]
+    assert steps and steps[0] > 12 and second.metrics["step"] == 12 + 25  # went on: epoch 2 on one worker
