@@ -276,3 +276,38 @@ def test_zero2_checkpoint_of_2_workers_resumes_on_1(ray_cluster, digits, tmp_pat
     assert event["optimizer_moments_sq_sum"] > 0 and event["optimizer_moments_numel"] == 2 * trainable
     steps = [r["step"] for r in read_log(second.run_dir) if "train/loss" in r]
     assert steps and steps[0] > 12 and second.metrics["step"] == 12 + 25  # went on: epoch 2 on one worker
+
+
+def test_weight_ema_math():
+    from vitray.train.ema import WeightEma
+
+    m = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.constant_(m.weight, 1.0)
+    ema = WeightEma(m, decay=0.5)
+    torch.nn.init.constant_(m.weight, 3.0)
+    ema.update(m)  # 0.5 * 1 + 0.5 * 3
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 2.0))
+    own = ema.swap_into(m)
+    assert torch.allclose(m.weight, torch.full((1, 2), 2.0))
+    ema.restore(m, own)
+    assert torch.allclose(m.weight, torch.full((1, 2), 3.0))
+
+
+@pytest.mark.slow
+def test_ema_is_evaluated_and_exported(ray_cluster, digits, tmp_path):
+    from vitray.models.export import load_export
+    from vitray.offline import evaluate_export
+    from vitray.train import run_training
+
+    result = run_training(make_cfg(digits, tmp_path, train={"epochs": 3, "ema": {"enabled": True, "decay": 0.9}}))
+    assert "val/top1_ema" in result.metrics and "val/top1" in result.metrics
+    model, meta = load_export(result.export_dir)
+    acc, n = evaluate_export(model, meta, digits)
+    assert n == 195 and acc == pytest.approx(result.metrics["val/top1_ema"], abs=1e-9)  # the export is the EMA
+
+
+def test_ema_with_zero3_is_a_config_error(digits, tmp_path):
+    from vitray.config import ConfigError, check_config
+
+    with pytest.raises(ConfigError, match="train.ema.enabled"):
+        check_config(make_cfg(digits, tmp_path, train={"ema": {"enabled": True}}, deepspeed={"zero_stage": 3}))

@@ -346,6 +346,8 @@ def check_config(cfg: RunConfig, *, models: bool = True, files: bool = True) -> 
         teacher = cfg.train.distillation
         if teacher.teacher and teacher.teacher_model and not is_model(teacher.teacher_model):
             errors.append(f"train.distillation.teacher_model: unknown model {teacher.teacher_model!r}")
+    if cfg.train.ema.enabled and cfg.deepspeed.zero_stage == 3:
+        errors.append("train.ema.enabled: EMA needs the full weights on every rank: use deepspeed.zero_stage <= 2")
     if files:
         for field, value in (("model.checkpoint", cfg.model.checkpoint),
                              ("train.distillation.teacher", cfg.train.distillation.teacher)):

@@ -149,6 +149,11 @@ class _Worker:
         self.universal = bool(meta and meta["world_size"] != self.world)
         self.engine, self.scheduler = build_engine(cfg, plan, model, load_universal=self.universal)
         self.global_step, self.epoch, self.micro_in_epoch = 0, 0, 0
+        self.ema = None
+        if cfg.train.ema.enabled:
+            from .ema import WeightEma
+
+            self.ema = WeightEma(self.engine.module, cfg.train.ema.decay)
         if meta is not None:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
@@ -189,6 +194,8 @@ class _Worker:
         self.micro_in_epoch = meta["micro_in_epoch"]
         self.last_val = meta.get("last_val", {})
         self.skipped_total = meta.get("skipped_total", 0)
+        if self.ema is not None and (self.ckpt_dir / "ema.pt").exists():
+            self.ema.load_state_dict(torch.load(self.ckpt_dir / "ema.pt", weights_only=True))
         rng = self.ckpt_dir / f"rng_rank{self.rank}.pt"
         if rng.exists() and not self.universal:
             torch.set_rng_state(torch.load(rng, weights_only=True))
@@ -224,10 +231,26 @@ class _Worker:
             torch.save(torch.get_rng_state(), Path(tmp) / f"rng_rank{self.rank}.pt")
             if self.is_rank0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+                if self.ema is not None:
+                    torch.save(self.ema.state_dict(), Path(tmp) / "ema.pt")
             ray.train.report({**self.last_val, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # -------------------------------------------------------------------------------------------- eval
     def evaluate(self) -> dict[str, float]:
+        """Val metrics of the trained weights, and with EMA on, of the averaged weights too (``val/top1_ema``...).
+        Both passes use the same iterator epoch-wise: the EMA pass reads the val split a second time."""
+        metrics = self._evaluate_pass()
+        if metrics and self.ema is not None:
+            own = self.ema.swap_into(self.engine.module)
+            try:
+                ema = self._evaluate_pass()
+            finally:
+                self.ema.restore(self.engine.module, own)
+            metrics.update({f"{k}_ema": v for k, v in ema.items() if k != "val/skipped_images"})
+        self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        return metrics
+
+    def _evaluate_pass(self) -> dict[str, float]:
         import ray.train
 
         shard = ray.train.get_dataset_shard("val") if self.loop_cfg.get("has_val") else None
@@ -252,7 +275,6 @@ class _Worker:
         engine.train()
         metrics = task.eval_metrics(sums)
         metrics["val/skipped_images"] = reduced[-1]
-        self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
         return metrics
 
     # -------------------------------------------------------------------------------------------- train
@@ -298,6 +320,8 @@ class _Worker:
                 if not boundary:
                     continue
                 self.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(engine.module)
                 metrics = None
                 if self.global_step % log_every == 0 or self.global_step == plan.total_steps:
                     loss_sum, n, imgs, skipped = _all_reduce([win_loss, win_n, win_imgs, epoch_skipped], self.device)
@@ -350,6 +374,8 @@ class _Worker:
         from .export import gather_fp32_state_dict, write_export
 
         state = gather_fp32_state_dict(self.engine)
+        if self.ema is not None:  # with EMA on, the export is the averaged model (as DeiT reports it)
+            state.update({k: v.clone() for k, v in self.ema.state_dict().items()})
         if self.is_rank0:
             write_export(self.loop_cfg["export_dir"], state, self.cfg, self.class_names,
                          metrics={**self.last_val, "step": self.global_step})

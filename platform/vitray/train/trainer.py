@@ -67,6 +67,35 @@ def _resolve_weights(uri: str | None) -> str | None:
     return str(resolve_model_uri(uri))
 
 
+def _data_config(cfg: RunConfig):
+    """Ray Train's DataConfig, with two vitray rules: the val split is shared out *unequally* (equal=True would drop
+    up to workers-1 images from every evaluation; only ZeRO-3, whose forward is a collective, needs equal shares),
+    and ``data.shuffle: false`` keeps the stream order (Ray Train's ingest options would otherwise reset it)."""
+    from ray.train import DataConfig
+
+    class VitrayDataConfig(DataConfig):
+        def configure(self, datasets, world_size, worker_handles=None, worker_node_ids=None, **kwargs):
+            val = {k: v for k, v in datasets.items() if k == "val"}
+            rest = {k: v for k, v in datasets.items() if k != "val"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs) if rest \
+                else [{} for _ in range(world_size)]
+            for name, ds in val.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                ds.context.execution_options.preserve_order = True
+                equal = cfg.deepspeed.zero_stage == 3
+                for i, split in enumerate(ds.streaming_split(world_size, equal=equal)):
+                    out[i][name] = split
+            return out
+
+    options = None
+    if not cfg.data.shuffle:
+        opts = DataConfig.default_ingest_options()
+        opts.preserve_order = True
+        options = {"train": opts}
+    return VitrayDataConfig(execution_options=options)
+
+
 def _maybe_materialize_val(datasets: dict, spec, cfg: RunConfig, img_size: int) -> None:
     """The eval transform is deterministic: when the decoded val split fits comfortably in the object store (a
     fifth of it), decode it once instead of re-reading and re-decoding it every epoch (seconds per epoch saved on
@@ -143,6 +172,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
             datasets=datasets,
+            dataset_config=_data_config(cfg),
             run_config=RayRunConfig(
                 name=run_name, storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),

@@ -1,0 +1,38 @@
+"""Exponential moving average of the weights (Polyak averaging), kept in fp32 whatever the training precision."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["WeightEma"]
+
+
+class WeightEma:
+    """``shadow = decay * shadow + (1 - decay) * weights`` after every optimizer step, for every floating-point tensor
+    of the module's state dict. Works on the full parameters of ZeRO 0-2 (ZeRO-3 partitions them: not supported)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in module.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for k, v in module.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap_into(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Load the averaged weights into ``module``; returns its own weights, for :meth:`restore`."""
+        own = {k: v.detach().clone() for k, v in module.state_dict().items() if k in self.shadow}
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in self.shadow.items()}, strict=False)
+        return own
+
+    @torch.no_grad()
+    def restore(self, module: torch.nn.Module, own: dict[str, torch.Tensor]) -> None:
+        module.load_state_dict(own, strict=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.float().clone() for k, v in state.items()}
