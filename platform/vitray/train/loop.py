@@ -79,6 +79,8 @@ def build_engine(cfg, plan: TrainPlan, model: torch.nn.Module, *, load_universal
 
     if cfg.deepspeed.activation_checkpointing:
         model.set_grad_checkpointing(True)  # timm's per-block torch.utils.checkpoint
+    if cfg.cluster.use_gpu and torch.cuda.is_available():
+        model.to(torch.device("cuda", torch.cuda.current_device()))  # so the optimizer can use the fused CUDA kernel
     optimizer = build_optimizer(model, plan.lr, cfg.train.weight_decay, cfg.train.betas, cfg.train.layer_decay)
     scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps, plan.lr, cfg.train.min_lr,
                                 cfg.train.schedule)

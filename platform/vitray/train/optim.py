@@ -34,10 +34,12 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
                     layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """On CUDA parameters, torch's fused AdamW kernel (one launch for all tensors); foreach on CPU."""
     groups = param_groups(model, weight_decay, layer_decay)
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=0.0)
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=0.0, fused=on_cuda or None)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float, schedule: str = "cosine") -> float:

@@ -54,16 +54,17 @@ def _local_cpus(cfg: RunConfig) -> int:
     return max(cores, trainers + max(2, cores // 2))
 
 
-def _resolve_weights(uri: str | None) -> str | None:
+def _resolve_weights(uri: str | None, field: str) -> str | None:
     """A local weights path as is; a models:/ or runs:/ URI through the MLflow registry (vitray.tracking)."""
-    from vitray.config import is_model_uri
+    from vitray.config import ConfigError, is_model_uri
 
     if not uri or not is_model_uri(uri):
         return uri
     try:
         from vitray.tracking.uris import resolve_model_uri
-    except ImportError as err:  # pragma: no cover - tracking ships with vitray
-        raise RuntimeError(f"cannot resolve {uri}: {err}") from None
+    except ImportError:
+        raise ConfigError(f"{field}: {uri}: MLflow model URIs need vitray's tracking module, which this version does "
+                          "not have yet; pass a local weights file or export folder") from None
     return str(resolve_model_uri(uri))
 
 
@@ -123,6 +124,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     from .plan import make_plan
 
     check_config(cfg)
+    init_checkpoint = _resolve_weights(cfg.model.checkpoint, "model.checkpoint")  # before any cluster work
+    teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher")
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
@@ -150,8 +153,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         loop_cfg = {
             "config": cfg.model_dump(mode="json"), "plan": plan.as_dict(), "class_names": spec.class_names,
             "has_val": "val" in datasets, "export_dir": export_dir, "run_dir": run_dir,
-            "init_checkpoint": _resolve_weights(cfg.model.checkpoint),
-            "teacher_checkpoint": _resolve_weights(cfg.train.distillation.teacher),
+            "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,
             "resume_from": resume_from_checkpoint, "dataset_fingerprint": spec.fingerprint,
         }
         resources = {"CPU": cfg.cluster.cpus_per_worker}
