@@ -15,7 +15,7 @@ def test_train_job_entrypoint_rejects_bad_config_with_exit_2(tmp_path):
 
 
 def test_train_with_registry_uri_fails_fast_with_exit_2(tmp_path):
-    """`models:/` URIs come with the MLflow issue; until then the run stops before any cluster work, naming the field."""
+    """A registry URI that does not resolve stops the run before any cluster work, naming the field."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model:\n  checkpoint: models:/x@champion\ndata:\n  path: {tmp_path}\n")
     (tmp_path / "manifest.json").write_text("{}")

@@ -311,3 +311,58 @@ def test_ema_with_zero3_is_a_config_error(digits, tmp_path):
 
     with pytest.raises(ConfigError, match="train.ema.enabled"):
         check_config(make_cfg(digits, tmp_path, train={"ema": {"enabled": True}}, deepspeed={"zero_stage": 3}))
+
+
+def _register_export(tmp_path: Path, name: str, num_classes: int) -> tuple[str, Path]:
+    """A real MLflow registry on sqlite: an export folder logged as a run's artifacts, registered, aliased champion."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from vitray.models import create_model
+    from vitray.models.export import save_export
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.create_experiment("pre", artifact_location=(tmp_path / "artifacts").as_uri())
+    torch.manual_seed(3)
+    model = create_model("vit_pico_patch4_32", num_classes=num_classes, pos_embed="sincos")
+    export = save_export(tmp_path / "export", model.state_dict(),
+                         model={"name": "vit_pico_patch4_32", "num_classes": num_classes, "img_size": 32,
+                                "pos_embed": "sincos", "global_pool": "token", "in_chans": 3},
+                         task="classification", class_names=[str(i) for i in range(num_classes)],
+                         preprocessing={"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                                        "interpolation": "bicubic"})
+    with mlflow.start_run(experiment_id=exp) as run:
+        mlflow.log_artifacts(str(export), artifact_path="model")
+    client = MlflowClient()
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+    client.set_registered_model_alias(name, "champion", version)
+    return uri, export
+
+
+def test_model_uri_resolves_to_the_registered_export(tmp_path):
+    from safetensors.torch import load_file
+
+    from vitray.config import ConfigError
+    from vitray.tracking import resolve_model_uri
+
+    uri, export = _register_export(tmp_path, "pre", 5)
+    for model_uri in ("models:/pre@champion", "models:/pre/1"):
+        local = resolve_model_uri(model_uri, uri)
+        a, b = load_file(str(local / "model.safetensors")), load_file(str(export / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConfigError, match="models:/nope@champion"):
+        resolve_model_uri("models:/nope@champion", uri)
+
+
+@pytest.mark.slow
+def test_finetune_from_registry_uri_with_new_head(ray_cluster, digits, tmp_path):
+    from vitray.train import run_training
+
+    uri, _ = _register_export(tmp_path, "pre10", 5)  # 5 classes -> the digits' 10: new head
+    cfg = make_cfg(digits, tmp_path, model={"checkpoint": "models:/pre10@champion"}, train={"epochs": 1},
+                   tracking={"uri": uri})
+    result = run_training(cfg)
+    assert result.metrics["step"] == 12 and Path(result.export_dir, "model.safetensors").is_file()

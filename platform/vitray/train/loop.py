@@ -136,7 +136,7 @@ class _Worker:
         cfg, plan = self.cfg, self.plan
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.task = build_task(cfg, self.class_names)
-        model = self.task.build_model(checkpoint=self.loop_cfg.get("init_checkpoint"))
+        model = self.task.build_model(checkpoint=self._local_weights("init_checkpoint"))
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None and self.loop_cfg.get("resume_from"):
@@ -160,11 +160,20 @@ class _Worker:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + self.global_step)
-        teacher = self.loop_cfg.get("teacher_checkpoint")
+        teacher = self._local_weights("teacher_checkpoint")
         if cfg.train.task == "classification":
             self.task.setup(self.device, self.dtype, teacher_path=teacher)
         else:
             self.task.setup(self.device, self.dtype)
+
+    def _local_weights(self, key: str) -> str | None:
+        """The driver resolved a models:/ URI into its own folder; a worker on another node downloads it again."""
+        path, uri = self.loop_cfg.get(key), self.loop_cfg.get(f"{key}_uri")
+        if not path or Path(path).exists() or not uri:
+            return path
+        from vitray.tracking.uris import resolve_model_uri
+
+        return str(resolve_model_uri(uri, self.cfg.tracking.uri))
 
     def _restore(self, meta: dict) -> None:
         import torch.distributed as dist

@@ -79,9 +79,20 @@ class ClassificationTask(Task):
         return model
 
     def build_teacher(self, path: str) -> nn.Module:
-        d = self.cfg.train.distillation
-        name = d.teacher_model or self.cfg.model.name
-        teacher = create_model(name, num_classes=self.num_classes, img_size=self.cfg.model.img_size, checkpoint=path)
+        """A weights file with ``teacher_model`` (or the student's architecture), or an export folder (a resolved
+        ``models:/`` URI), which carries its own architecture."""
+        from pathlib import Path
+
+        from vitray.models.export import EXPORT_META, load_export
+
+        if Path(path).is_dir() and (Path(path) / EXPORT_META).is_file():
+            teacher, meta = load_export(path)
+            if meta["model"]["num_classes"] != self.num_classes:
+                raise ValueError(f"teacher {path} has {meta['model']['num_classes']} classes, the student {self.num_classes}")
+        else:
+            d = self.cfg.train.distillation
+            name = d.teacher_model or self.cfg.model.name
+            teacher = create_model(name, num_classes=self.num_classes, img_size=self.cfg.model.img_size, checkpoint=path)
         teacher.requires_grad_(False)
         return teacher.eval()
 

@@ -54,18 +54,18 @@ def _local_cpus(cfg: RunConfig) -> int:
     return max(cores, trainers + max(2, cores // 2))
 
 
-def _resolve_weights(uri: str | None, field: str) -> str | None:
-    """A local weights path as is; a models:/ or runs:/ URI through the MLflow registry (vitray.tracking)."""
+def _resolve_weights(uri: str | None, field: str, tracking_uri: str | None) -> str | None:
+    """A local weights path as is; a models:/ or runs:/ URI downloaded from the MLflow registry to an export folder."""
     from vitray.config import ConfigError, is_model_uri
 
     if not uri or not is_model_uri(uri):
         return uri
+    from vitray.tracking.uris import resolve_model_uri
+
     try:
-        from vitray.tracking.uris import resolve_model_uri
-    except ImportError:
-        raise ConfigError(f"{field}: {uri}: MLflow model URIs need vitray's tracking module, which this version does "
-                          "not have yet; pass a local weights file or export folder") from None
-    return str(resolve_model_uri(uri))
+        return str(resolve_model_uri(uri, tracking_uri))
+    except ConfigError as err:
+        raise ConfigError(f"{field}: {err}") from None
 
 
 def _data_config(cfg: RunConfig):
@@ -124,8 +124,9 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     from .plan import make_plan
 
     check_config(cfg)
-    init_checkpoint = _resolve_weights(cfg.model.checkpoint, "model.checkpoint")  # before any cluster work
-    teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher")
+    # before any cluster work: a bad URI fails in seconds, and workers get a local folder (no MLflow access needed)
+    init_checkpoint = _resolve_weights(cfg.model.checkpoint, "model.checkpoint", cfg.tracking.uri)
+    teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher", cfg.tracking.uri)
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
@@ -154,6 +155,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             "config": cfg.model_dump(mode="json"), "plan": plan.as_dict(), "class_names": spec.class_names,
             "has_val": "val" in datasets, "export_dir": export_dir, "run_dir": run_dir,
             "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,
+            "init_checkpoint_uri": cfg.model.checkpoint, "teacher_checkpoint_uri": cfg.train.distillation.teacher,
             "resume_from": resume_from_checkpoint, "dataset_fingerprint": spec.fingerprint,
         }
         resources = {"CPU": cfg.cluster.cpus_per_worker}

@@ -1,0 +1,68 @@
+"""Where MLflow is, and how a model URI becomes a local export folder.
+
+With no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``, vitray uses a sqlite file under the vitray home
+(``<home>/mlflow/mlflow.db``, artifacts in ``<home>/mlflow/artifacts``): no server to start.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vitray.config import ConfigError, is_model_uri, vitray_home
+
+__all__ = ["default_tracking_uri", "use_tracking_uri", "resolve_model_uri", "ModelUriError"]
+
+
+class ModelUriError(ConfigError):
+    pass
+
+
+def default_tracking_uri(configured: str | None = None) -> str:
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = vitray_home() / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def use_tracking_uri(configured: str | None = None) -> str:
+    """Point the MLflow client (tracking and registry) at the configured, environment or embedded store."""
+    import mlflow
+
+    uri = default_tracking_uri(configured)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _find_export(root: Path) -> Path | None:
+    from vitray.models.export import EXPORT_META
+
+    if (root / EXPORT_META).is_file():
+        return root
+    hits = sorted(root.rglob(EXPORT_META))
+    return hits[0].parent if hits else None
+
+
+def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | None = None) -> Path:
+    """A local export folder for ``uri``: itself when local, else the registered/logged model's artifacts
+    downloaded from MLflow (``dest`` or a temporary folder). Errors name the URI and what is wrong."""
+    if not is_model_uri(uri):
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise ModelUriError(f"model {uri}: no such file or folder")
+        return path
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    use_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
+    except MlflowException as err:
+        raise ModelUriError(f"model {uri}: {str(err).splitlines()[0]}") from None
+    found = _find_export(local)
+    if found is None:
+        raise ModelUriError(f"model {uri}: downloaded to {local}, but it holds no vitray export (vitray_model.json)")
+    return found
