@@ -303,7 +303,8 @@ class _Worker:
         while self.epoch < plan.epochs and self.global_step < plan.total_steps:
             skip = self.micro_in_epoch
             micro = 0
-            win_loss = win_n = win_imgs = 0.0
+            win_loss = torch.zeros((), dtype=torch.float64, device=self.device)  # summed on device: no host sync per step
+            win_n = win_imgs = 0.0
             win_t = time.perf_counter()
             epoch_skipped = 0
             t_epoch0 = time.perf_counter()
@@ -325,7 +326,7 @@ class _Worker:
                 engine.step()
                 micro += 1
                 self.micro_in_epoch = micro
-                win_loss += float(loss.detach())
+                win_loss += loss.detach().double()
                 win_n += 1
                 win_imgs += len(batch["image"])
                 if not boundary:
@@ -335,7 +336,7 @@ class _Worker:
                     self.ema.update(engine.module)
                 metrics = None
                 if self.global_step % log_every == 0 or self.global_step == plan.total_steps:
-                    loss_sum, n, imgs, skipped = _all_reduce([win_loss, win_n, win_imgs, epoch_skipped], self.device)
+                    loss_sum, n, imgs, skipped = _all_reduce([float(win_loss), win_n, win_imgs, epoch_skipped], self.device)
                     dt = time.perf_counter() - win_t
                     metrics = {"train/loss": loss_sum / max(n, 1), "train/lr": self.scheduler.get_last_lr()[0],
                                "train/images_per_s": imgs / max(dt, 1e-9), "epoch": self.epoch, "step": self.global_step,
@@ -348,7 +349,8 @@ class _Worker:
                               f"{metrics['train/images_per_s']:.0f} img/s eta {_fmt_eta((plan.total_steps - self.global_step) / max(rate, 1e-9))}",
                               flush=True)
                     self.log_line(metrics)
-                    win_loss = win_n = win_imgs = 0.0
+                    win_loss.zero_()
+                    win_n = win_imgs = 0.0
                     win_t = time.perf_counter()
                 if cfg.train.eval_every_steps and self.global_step % cfg.train.eval_every_steps == 0 \
                         and micro < plan.micro_steps_per_epoch:
