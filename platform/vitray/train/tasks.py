@@ -7,8 +7,6 @@ all-reduces across workers before :meth:`Task.eval_metrics` divides them (never 
 from __future__ import annotations
 
 import logging
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,10 +47,6 @@ class Task:
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
-
-    def eval_outputs(self, model: nn.Module, batch: dict, dtype: torch.dtype) -> Any:
-        """Per-sample predictions for pictures (confusion matrices, prediction grids)."""
-        return None
 
 
 class ClassificationTask(Task):
@@ -154,10 +148,6 @@ class ClassificationTask(Task):
             "correct5": float((topk == y[:, None]).any(dim=1).sum()),
             "count": float(len(y)),
         }
-
-    @torch.no_grad()
-    def eval_outputs(self, model, batch, dtype):
-        return self._logits(model, batch, dtype).float().argmax(1)
 
     def eval_metrics(self, sums):
         n = max(sums["count"], 1.0)
