@@ -48,3 +48,13 @@ def ray_cluster():
         DataContext.get_current().enable_progress_bars = False
     yield ray
     # left running until the interpreter exits: other session-scoped users may still need it
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> str:
+    """scikit-learn's bundled digits packed into shards once per session (1,602 train / 195 val)."""
+    from vitray.data.pack import pack
+
+    out = tmp_path_factory.mktemp("digits") / "shards"
+    pack("-", str(out), "sklearn-digits", val_fraction=0.1, progress=False)
+    return str(out)

@@ -8,42 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from recipes import DETERMINISTIC, make_cfg, merge, read_log
 from vitray.config import parse_config
-from vitray.data.pack import pack
 from vitray.train.plan import make_plan
-
-RECIPE = {  # the quickstart recipe (platform/vitray/configs/quickstart.yaml), shortened where a test allows
-    "model": {"name": "vit_pico_patch4_32", "num_classes": 10, "pos_embed": "sincos"},
-    "data": {"batch_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
-             "train_transforms": {"scale": [0.6, 1.0], "hflip": 0.0}, "eval_transforms": {"crop_pct": 1.0}},
-    "train": {"epochs": 25, "lr": 6e-3, "warmup_epochs": 2, "label_smoothing": 0.1, "log_every_steps": 50},
-    "deepspeed": {"zero_stage": 2},
-    "cluster": {"num_workers": 2},
-}
-DETERMINISTIC = {"shuffle": False, "train_transforms": {"scale": [1.0, 1.0], "ratio": [1.0, 1.0], "hflip": 0.0}}
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = json.loads(json.dumps(base))
-    for k, v in over.items():
-        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("digits") / "shards"
-    pack("-", str(out), "sklearn-digits", val_fraction=0.1, progress=False)
-    return str(out)
-
-
-def make_cfg(digits: str, tmp_path: Path, **over):
-    cfg = merge(RECIPE, {"data": {"path": digits}, "cluster": {"storage_path": str(tmp_path / "runs")}})
-    return parse_config(merge(cfg, over))
-
-
-def read_log(run_dir: str) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def export_weights(result) -> dict[str, torch.Tensor]:
@@ -199,7 +166,7 @@ def test_zero_stages_same_losses_and_partitioned_state(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_digits_reaches_90_percent(ray_cluster, digits, tmp_path):
     from vitray.models.export import load_export
-    from vitray.offline import evaluate_export
+    from vitray.predict import evaluate_export
     from vitray.train import run_training
 
     result = run_training(make_cfg(digits, tmp_path))
@@ -297,7 +264,7 @@ def test_weight_ema_math():
 @pytest.mark.slow
 def test_ema_is_evaluated_and_exported(ray_cluster, digits, tmp_path):
     from vitray.models.export import load_export
-    from vitray.offline import evaluate_export
+    from vitray.predict import evaluate_export
     from vitray.train import run_training
 
     result = run_training(make_cfg(digits, tmp_path, train={"epochs": 3, "ema": {"enabled": True, "decay": 0.9}}))

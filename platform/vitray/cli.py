@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 __all__ = ["main", "UsageError"]
@@ -58,6 +59,118 @@ def cmd_models_zoo(args) -> int:
               f"{info.params / 1e6:>10.2f} {info.gflops:>8.2f} {info.gmacs:>7.2f}  {src}")
     print(f"\n{len(names)} models; GFLOPs = forward FLOPs per image at the default size (a multiply-add counts 2, "
           "so GMACs = GFLOPs / 2, the figure timm and the ViT/DeiT papers quote)")
+    return 0
+
+
+def _tracking_cfg(args, base: dict | None = None):
+    """The ``tracking`` section: the export's own (its config.yaml) as the base, command-line flags over it; an
+    explicit $MLFLOW_TRACKING_URI wins over the URI recorded in the export."""
+    import os
+
+    from vitray.config import TrackingConfig
+
+    fields = dict(base or {})
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        fields["uri"] = None
+    for key in ("tracking_uri", "experiment", "promotion_metric", "promotion_mode", "name"):
+        if getattr(args, key, None):
+            fields[{"tracking_uri": "uri", "name": "registered_model"}.get(key, key)] = getattr(args, key)
+    return TrackingConfig(**fields)
+
+
+def _registry_client(args):
+    from vitray.tracking import check_reachable, default_tracking_uri, use_tracking_uri
+    from vitray.tracking.uris import client_for
+
+    uri = default_tracking_uri(args.tracking_uri)
+    check_reachable(uri)
+    use_tracking_uri(uri)
+    return client_for(uri), uri
+
+
+def _when(ms) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _registry_call(fn, what: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn()
+    except MlflowException as err:
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise UsageError(f"{what}: {str(err).splitlines()[0][:300]}") from None
+        raise
+
+
+def cmd_models_list(args) -> int:
+    from vitray.tracking.registry import list_models
+
+    client, uri = _registry_client(args)
+    rows = list_models(client)
+    if not rows:
+        print(f"no registered models at {uri}")
+        return 0
+    print(f"{'name':<32} {'versions':>8}  {'champion':>8}  {'challenger':>10}  {'latest':>6}  updated")
+    for r in rows:
+        al = r["aliases"]
+        print(f"{r['name']:<32} {r['versions']:>8}  {('v' + al['champion']) if 'champion' in al else '-':>8}  "
+              f"{('v' + al['challenger']) if 'challenger' in al else '-':>10}  v{r['latest'] or '-':<5}  {_when(r['updated'])}")
+    print(f"\n{len(rows)} registered model(s) at {uri}")
+    return 0
+
+
+def cmd_models_show(args) -> int:
+    from vitray.tracking.registry import model_versions
+
+    client, uri = _registry_client(args)
+    _registry_call(lambda: client.get_registered_model(args.name), f"registered model {args.name!r} at {uri}")
+    rows = model_versions(client, args.name)
+    metric = args.metric
+    print(f"{args.name} at {uri}")
+    print(f"{'version':>7}  {'aliases':<22} {metric:>10}  {'run':<32}  {'created':<16}  gate")
+    for r in rows:
+        value = r["metrics"].get(metric)
+        shown = f"{float(value):.4f}" if value not in (None, "") else "-"
+        print(f"{r['version']:>7}  {','.join(r['aliases']) or '-':<22} {shown:>10}  {r['run_id'] or '-':<32}  "
+              f"{_when(r['created']):<16}  {r['gate']}")
+    print(f"\nload one with: models:/{args.name}@champion  or  models:/{args.name}/VERSION")
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from vitray.tracking.registry import set_alias
+
+    client, uri = _registry_client(args)
+    before = _registry_call(lambda: set_alias(client, args.name, str(args.version), args.alias),
+                            f"{args.name} v{args.version} at {uri}")
+    print(f"{args.name}@{args.alias} -> v{args.version}" + (f" (was v{before})" if before else " (new alias)"))
+    return 0
+
+
+def cmd_models_register(args) -> int:
+    from vitray.models.export import ExportError, read_export_meta
+    from vitray.tracking.registry import log_and_register
+
+    base = None
+    if "://" not in args.export_dir:
+        try:
+            read_export_meta(args.export_dir)
+        except ExportError as err:
+            raise UsageError(str(err)) from None
+        saved = Path(args.export_dir).expanduser() / "config.yaml"
+        if saved.is_file():  # the training run's own tracking section: its registered name, metric, server
+            import yaml
+
+            base = (yaml.safe_load(saved.read_text()) or {}).get("tracking")
+    cfg = _tracking_cfg(args, base)
+    if not cfg.registered_model:
+        raise UsageError(f"{args.export_dir}: no registered model name: pass --name NAME")
+    reg = log_and_register(args.export_dir, cfg)
+    print(f"logged {args.export_dir} as MLflow model {reg.model_uri} in run {reg.run_id}")
+    print(f"registered {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})")
     return 0
 
 
@@ -170,6 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vitray-only", action="store_true", help="only vitray's small-image configs")
     p.add_argument("--filter", default=None, help="substring the name must contain")
     p.set_defaults(func=cmd_models_zoo)
+
+    def tracking_arg(p):
+        p.add_argument("--tracking-uri", default=None, metavar="URI",
+                       help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI, else the embedded sqlite store)")
+
+    p = models.add_parser("list", help="registered models with their champion and challenger versions")
+    tracking_arg(p)
+    p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("show", help="the versions of a registered model: aliases, metric, run, gate decision")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--metric", default="val/top1", help="metric column to show (default val/top1)")
+    tracking_arg(p)
+    p.set_defaults(func=cmd_models_show)
+    p = models.add_parser("promote", help="point an alias (champion, challenger, ...) at a version by hand")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("version", metavar="VERSION", type=int)
+    p.add_argument("--alias", required=True, help="e.g. champion")
+    tracking_arg(p)
+    p.set_defaults(func=cmd_models_promote)
+    p = models.add_parser("register", help="log an export folder as an MLflow model, register it, run the gate")
+    p.add_argument("export_dir", metavar="EXPORT_DIR", help="a training run's export folder (<run>/export)")
+    p.add_argument("--name", default=None, help="registered model name (default: tracking.registered_model of the "
+                                                 "run that wrote the export)")
+    p.add_argument("--experiment", default=None, help="experiment for a new run when the training run is not found")
+    p.add_argument("--promotion-metric", dest="promotion_metric", default=None, help="default val/top1")
+    p.add_argument("--promotion-mode", dest="promotion_mode", choices=["max", "min"], default=None)
+    tracking_arg(p)
+    p.set_defaults(func=cmd_models_register)
     return parser
 
 
@@ -194,6 +335,11 @@ def _run(func: Callable, args) -> int:
         if isinstance(err, (CheckpointError, UnknownModelError, SourceError, ManifestError)):
             print(f"vitray: error: {err}", file=sys.stderr)
             return 2
+        from vitray.tracking.runs import TrackingError
+
+        if isinstance(err, TrackingError):
+            print(f"vitray: failed: {err}", file=sys.stderr)
+            return 1
         if "VITRAY_DEBUG" in __import__("os").environ:
             raise
         print(f"vitray: failed: {type(err).__name__}: {err} (set VITRAY_DEBUG=1 for the traceback)", file=sys.stderr)

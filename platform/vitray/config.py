@@ -166,13 +166,21 @@ class ClusterConfig(_Section):
 
 # ------------------------------------------------------------------------------------------ tracking
 class TrackingConfig(_Section):
+    """MLflow: where runs go, what the registry calls the model, and how a new version earns ``champion``."""
+
     enabled: bool = True
-    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or a sqlite file")
-    experiment: str = "vitray"
-    registered_model: str | None = None
-    promotion_metric: str = "val/top1"
+    uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else a sqlite file "
+                                              "under the vitray home (no server to start)")
+    experiment: str = Field("vitray", min_length=1)
+    registered_model: str | None = Field(None, min_length=1, description="register the trained model under this name")
+    promotion_metric: str = Field("val/top1", min_length=1)
     promotion_mode: Literal["max", "min"] = "max"
-    log_every_steps: int = Field(10, gt=0)
+    flush_interval_s: float = Field(10.0, gt=0.0, description="metrics are sent in batches at most this often "
+                                                              "(and at every epoch end)")
+    log_images: Literal["end", "epoch", "off"] = Field("end", description="confusion matrix + val prediction grid")
+    image_grid: int = Field(16, ge=1, le=64, description="val images in the prediction grid")
+    connect_timeout_s: float = Field(10.0, gt=0.0, description="a server that does not answer in this time fails the "
+                                                               "command before training")
 
 
 # --------------------------------------------------------------------------------------------- serve

@@ -5,6 +5,7 @@ Stages run in data-flow order; each later subsystem adds its stage here.
 """
 from __future__ import annotations
 
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -54,6 +55,8 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
                   f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}")
     from vitray.train import run_training
 
+    if home and cfg.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):  # everything under --home
+        cfg.tracking.uri = f"sqlite:///{(Path(home).expanduser().resolve() / 'mlflow' / 'mlflow.db')}"
     if cfg.cluster.storage_path is None:
         cfg.cluster.storage_path = str(root / "runs")
     cfg.cluster.run_name = f"{cfg.cluster.run_name or 'quickstart'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -67,14 +70,60 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     t = _stage(4, "check the export offline: load it and classify the val split without Ray")
     from vitray.models.export import load_export
 
-    from .offline import evaluate_export
+    from .predict import evaluate_export
 
     model, meta = load_export(result.export_dir)
     acc, n = evaluate_export(model, meta, str(shards), split=cfg.data.val_split)
     print(f"    {n} val images, top-1 {acc:.3f} from {meta['model']['name']} with classes "
           f"{', '.join(meta['class_names'])} ({time.perf_counter() - t:.1f}s)")
 
+    t = _stage(5, "MLflow: the run, the registered version and its alias; load it back as an MLflow pyfunc")
+    reg = result.registration
+    if reg is None or not reg.version:
+        print(f"    not registered: {result.tracking_warning or 'tracking disabled'}")
+    else:
+        from .tracking import default_tracking_uri
+        from .tracking.registry import model_versions
+
+        summary.append(("MLflow store", default_tracking_uri(cfg.tracking.uri)))
+        summary.append(("MLflow run", result.mlflow_run_id))
+        summary.append(("registered model", f"models:/{reg.name}/{reg.version} (@{reg.alias})"))
+        agree, n = _pyfunc_agrees(reg.registry_uri, result.export_dir, str(shards), cfg.data.val_split)
+        print(f"    {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})")
+        print(f"    mlflow.pyfunc.load_model('{reg.registry_uri}') on {n} val images: top-1 {agree['top1']:.3f}, "
+              f"max |p - p_export| {agree['max_abs_diff']:.1e} ({time.perf_counter() - t:.1f}s)")
+        from .tracking.uris import client_for
+
+        versions = model_versions(client_for(default_tracking_uri(cfg.tracking.uri)), reg.name)
+        print(f"    {len(versions)} version(s) of {reg.name}; browse with `vitray models show {reg.name}` or "
+              f"`mlflow ui --backend-store-uri {default_tracking_uri(cfg.tracking.uri)}`")
+
     print(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
     for what, where in summary:
         print(f"  {what:<18} {where}")
     return 0
+
+
+def _pyfunc_agrees(model_uri: str, export_dir: str, shards: str, split: str) -> tuple[dict, int]:
+    """Top-1 of the registered pyfunc over ``split``, and its largest probability gap to the export run directly."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from .data.formats import Manifest
+    from .predict import Predictor
+
+    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    direct = Predictor.from_export(export_dir)
+    correct = n = 0
+    diff = 0.0
+    for f in Manifest.read(shards).files(shards, split):
+        table = pq.read_table(f, columns=["image", "label"])
+        images, labels = table.column("image").to_pylist(), np.asarray(table.column("label"))
+        out = pyfunc.predict(pd.DataFrame({"image": images}))
+        probs = np.stack(out["probs"].to_numpy())
+        diff = max(diff, float(np.abs(probs - direct.probabilities(images)).max()))
+        correct += int((out["label"].to_numpy() == labels).sum())
+        n += len(labels)
+    return {"top1": correct / max(n, 1), "max_abs_diff": diff}, n

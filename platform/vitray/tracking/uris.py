@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vitray.config import ConfigError, is_model_uri, vitray_home
 
-__all__ = ["default_tracking_uri", "use_tracking_uri", "resolve_model_uri", "ModelUriError"]
+__all__ = ["default_tracking_uri", "client_for", "use_tracking_uri", "resolve_model_uri", "load_model", "ModelUriError"]
 
 
 class ModelUriError(ConfigError):
@@ -25,6 +25,14 @@ def default_tracking_uri(configured: str | None = None) -> str:
     root = vitray_home() / "mlflow"
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def client_for(uri: str):
+    """An MlflowClient whose registry is the same store as its tracking (MlflowClient(uri) alone takes the registry
+    from the process-wide setting, which another run may have pointed elsewhere)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def use_tracking_uri(configured: str | None = None) -> str:
@@ -66,3 +74,10 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | Non
     if found is None:
         raise ModelUriError(f"model {uri}: downloaded to {local}, but it holds no vitray export (vitray_model.json)")
     return found
+
+
+def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
+    """The one loader for fine-tuning, serving and scoring: any model URI -> (model in eval mode, export meta)."""
+    from vitray.models.export import load_export
+
+    return load_export(resolve_model_uri(uri, tracking_uri), device=device)

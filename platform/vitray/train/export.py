@@ -42,7 +42,8 @@ def preprocessing_of(cfg, img_size: int) -> dict:
             "crop_pct": cfg.data.eval_transforms.crop_pct, "interpolation": cfg.data.interpolation}
 
 
-def write_export(export_dir: str, state: dict, cfg, class_names: list[str], metrics: dict) -> str:
+def write_export(export_dir: str, state: dict, cfg, class_names: list[str], metrics: dict,
+                 extra: dict | None = None) -> str:
     """Write locally, then copy to the run storage (a local path or any pyarrow filesystem URI, e.g. s3://)."""
     from vitray.models.zoo import default_img_size
 
@@ -51,7 +52,7 @@ def write_export(export_dir: str, state: dict, cfg, class_names: list[str], metr
     model["img_size"] = img_size
     with tempfile.TemporaryDirectory(prefix="vitray-export-") as tmp:
         save_export(tmp, state, model=model, task=cfg.train.task, class_names=class_names,
-                    preprocessing=preprocessing_of(cfg, img_size), metrics=metrics)
+                    preprocessing=preprocessing_of(cfg, img_size), metrics=metrics, extra=extra)
         dump_config(cfg, Path(tmp) / "config.yaml")
         if "://" in export_dir:
             import pyarrow.fs as pafs

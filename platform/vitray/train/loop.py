@@ -47,6 +47,15 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _all_reduce_tensor(t: torch.Tensor, device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    t = t.to(device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def _repair(batch: dict) -> tuple[dict, int, bool]:
     """Rows whose bytes failed to decode (``ok`` False) are replaced by copies of good rows of the same batch, so
     every worker keeps the same batch shape; returns (batch, bad count, any good row)."""
@@ -126,6 +135,13 @@ class _Worker:
         self.dtype = DTYPES[self.cfg.deepspeed.precision]
         self.last_val: dict[str, float] = {}
         self.skipped_total = 0
+        self.tracking = loop_cfg.get("tracking")  # the MLflow run the driver opened (None: tracking off)
+        self.logger = None
+        if self.tracking and self.is_rank0:
+            from vitray.tracking.logger import RunLogger
+
+            self.logger = RunLogger(self.tracking["tracking_uri"], self.tracking["run_id"],
+                                    flush_interval_s=self.cfg.tracking.flush_interval_s)
 
     # ------------------------------------------------------------------------------------------- setup
     def build(self) -> None:
@@ -160,11 +176,29 @@ class _Worker:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + self.global_step)
+        if self.logger is not None:
+            self._log_run_info(resumed=meta is not None)
         teacher = self._local_weights("teacher_checkpoint")
         if cfg.train.task == "classification":
             self.task.setup(self.device, self.dtype, teacher_path=teacher)
         else:
             self.task.setup(self.device, self.dtype)
+
+    def _log_run_info(self, resumed: bool) -> None:
+        """Params (the flattened resolved config), tags and the config YAML, once per MLflow run."""
+        import ray
+
+        from vitray.config import dump_config
+        from vitray.tracking.runs import flatten_params
+
+        tags = dict(self.tracking.get("tags") or {})
+        tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
+        tags["vitray.workers"] = str(self.world)
+        self.logger.set_tags(tags)
+        if not (resumed or self.tracking.get("resumed")):
+            self.logger.log_params(flatten_params(self.cfg.model_dump(mode="json")))
+            self.logger.log_text(dump_config(self.cfg), "config.yaml")
+        self.logger.flush()
 
     def _local_weights(self, key: str) -> str | None:
         """The driver resolved a models:/ URI into its own folder; a worker on another node downloads it again."""
@@ -247,27 +281,37 @@ class _Worker:
             ray.train.report({**self.last_val, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # -------------------------------------------------------------------------------------------- eval
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, pictures: bool = False) -> dict[str, float]:
         """Val metrics of the trained weights, and with EMA on, of the averaged weights too (``val/top1_ema``...).
-        Both passes use the same iterator epoch-wise: the EMA pass reads the val split a second time."""
-        metrics = self._evaluate_pass()
+        Both passes use the same iterator epoch-wise: the EMA pass reads the val split a second time. With
+        ``pictures``, the task's eval pictures of the last pass (the exported weights) go to MLflow."""
+        keep = self.cfg.tracking.image_grid if pictures and self.tracking else 0
+        metrics = self._evaluate_pass(keep)
         if metrics and self.ema is not None:
             own = self.ema.swap_into(self.engine.module)
             try:
-                ema = self._evaluate_pass()
+                ema = self._evaluate_pass(keep)
             finally:
                 self.ema.restore(self.engine.module, own)
             metrics.update({f"{k}_ema": v for k, v in ema.items() if k != "val/skipped_images"})
+        if metrics and keep:
+            t0 = time.perf_counter()
+            drawn = self.task.eval_pictures(lambda t: _all_reduce_tensor(t, self.device), self.is_rank0)
+            for name, image in drawn.items():
+                self.logger.log_image(image, name)
+            if self.logger is not None:
+                self.logger.caller_seconds += time.perf_counter() - t0
         self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
         return metrics
 
-    def _evaluate_pass(self) -> dict[str, float]:
+    def _evaluate_pass(self, pictures: int = 0) -> dict[str, float]:
         import ray.train
 
         shard = ray.train.get_dataset_shard("val") if self.loop_cfg.get("has_val") else None
         if shard is None:
             return {}
         engine, task = self.engine, self.task
+        task.begin_eval(pictures)
         engine.eval()
         sums = dict.fromkeys(task.eval_keys, 0.0)
         skipped = 0
@@ -349,6 +393,8 @@ class _Worker:
                               f"{metrics['train/images_per_s']:.0f} img/s eta {_fmt_eta((plan.total_steps - self.global_step) / max(rate, 1e-9))}",
                               flush=True)
                     self.log_line(metrics)
+                    if self.logger is not None:
+                        self.logger.log_metrics(metrics, self.global_step)
                     win_loss.zero_()
                     win_n = win_imgs = 0.0
                     win_t = time.perf_counter()
@@ -368,10 +414,15 @@ class _Worker:
                     os.kill(os.getpid(), signal.SIGKILL)
             t_ep = time.perf_counter()
             self.skipped_total += int(_all_reduce([epoch_skipped], self.device)[0])
-            val = self.evaluate()
+            last = self.epoch + 1 >= plan.epochs or self.global_step >= plan.total_steps
+            mode = cfg.tracking.log_images
+            val = self.evaluate(pictures=mode == "epoch" or (mode == "end" and last))
             t_eval = time.perf_counter()
             metrics = {"epoch": self.epoch, "step": self.global_step, "train/skipped_images": self.skipped_total, **val}
             self.log_line({"event": "epoch_end", **metrics})
+            if self.logger is not None:
+                self.logger.log_metrics(metrics, self.global_step)
+                self.logger.flush()
             if self.is_rank0 and val:
                 shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "val/skipped_images")
                 print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", flush=True)
@@ -390,9 +441,15 @@ class _Worker:
         if self.ema is not None:  # with EMA on, the export is the averaged model (as DeiT reports it)
             state.update({k: v.clone() for k, v in self.ema.state_dict().items()})
         if self.is_rank0:
+            extra = {"mlflow_run_id": self.tracking["run_id"], "mlflow_tracking_uri": self.tracking["tracking_uri"]} \
+                if self.tracking else None
             write_export(self.loop_cfg["export_dir"], state, self.cfg, self.class_names,
-                         metrics={**self.last_val, "step": self.global_step})
+                         metrics={**self.last_val, "step": self.global_step}, extra=extra)
             print(f"[vitray] exported model to {self.loop_cfg['export_dir']}", flush=True)
+        if self.logger is not None:
+            self.logger.close()
+            self.log_line({"event": "tracking_closed", "requests": self.logger.sent_requests,
+                           "caller_seconds": self.logger.caller_seconds, "unsent": self.logger.pending()})
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:

@@ -48,6 +48,16 @@ class Task:
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
 
+    def begin_eval(self, pictures: int) -> None:
+        """Before an eval pass: ``pictures`` > 0 asks the task to keep what :meth:`eval_pictures` draws (that many
+        example images from this rank, plus whatever it aggregates)."""
+
+    def eval_pictures(self, reduce, is_rank0: bool) -> dict:
+        """After an eval pass that kept pictures: ``{artifact file: PIL image, or a function drawing one}`` on rank 0
+        (functions are called off the training thread). ``reduce(tensor)``
+        sums a tensor over all workers (a collective: every rank calls this)."""
+        return {}
+
 
 class ClassificationTask(Task):
     """Supervised classification: label smoothing, Mixup/CutMix, and DeiT distillation from a frozen teacher
@@ -136,12 +146,26 @@ class ClassificationTask(Task):
         out = model(self.inputs(batch, dtype))
         return (out[0] + out[1]) / 2 if isinstance(out, tuple) else out  # DeiT: average both heads at eval
 
+    def begin_eval(self, pictures: int) -> None:
+        self._keep = pictures
+        self._confusion = None
+        self._samples: list[tuple] = []
+
     @torch.no_grad()
     def eval_sums(self, model, batch, dtype):
         logits = self._logits(model, batch, dtype).float()
         y = batch["label"]
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
+        if getattr(self, "_keep", 0):
+            c = logits.shape[1]
+            counts = torch.bincount(y * c + topk[:, 0], minlength=c * c).view(c, c)
+            self._confusion = counts if self._confusion is None else self._confusion + counts
+            have = sum(len(s[0]) for s in self._samples)
+            if have < self._keep:
+                n = self._keep - have
+                probs = torch.softmax(logits[:n], dim=-1).max(dim=1).values
+                self._samples.append((batch["image"][:n].cpu(), y[:n].cpu(), topk[:n, 0].cpu(), probs.cpu()))
         return {
             "loss_sum": float(F.cross_entropy(logits, y, reduction="sum")),
             "correct1": float((topk[:, 0] == y).sum()),
@@ -152,6 +176,27 @@ class ClassificationTask(Task):
     def eval_metrics(self, sums):
         n = max(sums["count"], 1.0)
         return {"val/loss": sums["loss_sum"] / n, "val/top1": sums["correct1"] / n, "val/top5": sums["correct5"] / n}
+
+    def eval_pictures(self, reduce, is_rank0):
+        if not getattr(self, "_keep", 0):
+            return {}
+        c = self.num_classes
+        counts = self._confusion if self._confusion is not None else torch.zeros(c, c, dtype=torch.int64)
+        counts = reduce(counts.double())  # every rank joins, even one that saw no val rows
+        if not is_rank0:
+            return {}
+        from functools import partial
+
+        from vitray.tracking.figures import confusion_matrix_image, prediction_grid_image
+
+        # drawn later, by the tracking logger's thread: rendering costs the training loop nothing
+        pictures = {"pictures/confusion_matrix.png": partial(confusion_matrix_image, counts.round().long().cpu().numpy(),
+                                                             list(self.class_names), self.cfg.model.name)}
+        if self._samples:
+            images, labels, preds, probs = (torch.cat(t).numpy() for t in zip(*self._samples))
+            pictures["pictures/val_predictions.png"] = partial(prediction_grid_image, images, labels, preds, probs,
+                                                               list(self.class_names), "val: true → predicted")
+        return pictures
 
 
 TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}

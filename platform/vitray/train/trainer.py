@@ -25,6 +25,9 @@ class TrainResult:
     metrics: dict
     checkpoint: str | None
     seconds: float
+    mlflow_run_id: str | None = None
+    registration: object | None = None  # vitray.tracking.registry.Registration, when registered
+    tracking_warning: str | None = None  # why logging the model or registering it failed (the export is on disk)
 
 
 def storage_root(cfg: RunConfig) -> str:
@@ -66,6 +69,76 @@ def _resolve_weights(uri: str | None, field: str, tracking_uri: str | None) -> s
         return str(resolve_model_uri(uri, tracking_uri))
     except ConfigError as err:
         raise ConfigError(f"{field}: {err}") from None
+
+
+def _tracking_tags(cfg: RunConfig, spec, run_dir: str, export_dir: str) -> dict[str, str]:
+    """What identifies the run beyond its params: code, data, where its resume state and export live."""
+    import json
+
+    from vitray import __version__
+    from vitray.tracking.runs import git_commit
+
+    tags = {"vitray.version": __version__, "vitray.checkpoint_path": run_dir, "vitray.export_dir": export_dir,
+            "vitray.data.path": str(cfg.data.path), "vitray.data.format": cfg.data.format, "vitray.task": cfg.train.task,
+            "vitray.model": cfg.model.name}
+    commit = git_commit()
+    if commit:
+        tags["vitray.git_commit"] = tags["mlflow.source.git.commit"] = commit
+    if spec.fingerprint:
+        tags["vitray.data.fingerprint"] = spec.fingerprint
+    manifest = Path(str(cfg.data.path)).expanduser() / "manifest.json"
+    if cfg.data.format == "shards" and manifest.is_file():
+        from vitray.data.formats import sha256_file
+
+        tags["vitray.data.manifest_sha256"] = sha256_file(manifest)
+    try:  # `ray job submit`: the submission id the user sees in `ray job list`
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+        sub = (job.get("metadata") or {}).get("job_submission_id")
+        if sub:
+            tags["ray.submission_id"] = sub
+    except ValueError:
+        pass
+    return tags
+
+
+def _example_image(spec) -> bytes | None:
+    """One real encoded image for the MLflow model's input example (packed shards only; else a synthetic one)."""
+    import pyarrow.parquet as pq
+
+    if spec.format != "shards":
+        return None
+    for files in spec.files.values():
+        for f in files:
+            try:
+                col = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")
+                if len(col):
+                    return col[0].as_py()
+            except Exception:  # noqa: BLE001 - an example is a nicety
+                return None
+    return None
+
+
+def _register(cfg: RunConfig, result: "TrainResult", tracked, spec) -> None:
+    """Log the export as the run's MLflow model and register it (gate included). A lost server leaves the export
+    on disk and a warning saying how to redo it."""
+    from vitray.tracking.registry import log_and_register
+    from vitray.tracking.runs import bounded_http
+
+    try:
+        with bounded_http():
+            reg = log_and_register(result.export_dir, cfg.tracking, run_id=tracked.run_id,
+                                   example_image=_example_image(spec))
+        result.registration = reg
+        if reg.version:
+            print(f"[vitray] registered {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})", flush=True)
+        else:
+            print(f"[vitray] logged MLflow model {reg.model_uri} (set tracking.registered_model to register it)",
+                  flush=True)
+    except Exception as err:  # noqa: BLE001 - training succeeded; the export is the source of truth
+        result.tracking_warning = (f"MLflow model logging/registration failed ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:200] if str(err) else ''}); the export is safe in "
+                                   f"{result.export_dir}: redo it with `vitray models register {result.export_dir}`")
+        print(f"[vitray] warning: {result.tracking_warning}", flush=True)
 
 
 def _data_config(cfg: RunConfig):
@@ -130,20 +203,30 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
+    run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_root(cfg)
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    export_dir = f"{run_dir}/export"
+    tracked, tags = None, {}
+    if cfg.tracking.enabled:  # before any cluster work: an unreachable server fails the command in seconds
+        from vitray.tracking.runs import start_run
+
+        tags = _tracking_tags(cfg, spec, run_dir, export_dir)
+        tracked = start_run(cfg.tracking, run_name, tags)
+        print(f"[vitray] MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) in experiment "
+              f"{cfg.tracking.experiment!r} at {tracked.tracking_uri}", flush=True)
     address = address or cfg.cluster.address
     started = init_ray(address, None if address else _local_cpus(cfg))
+    status = "FAILED"
     try:
         spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec)
         train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
         _maybe_materialize_val(datasets, spec, cfg, img_size)
         plan = make_plan(cfg, train_rows)
-        run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        storage = storage_root(cfg)
         if "://" not in storage:
-            storage = str(Path(storage).expanduser().resolve())
             Path(storage).mkdir(parents=True, exist_ok=True)
-        run_dir = f"{storage.rstrip('/')}/{run_name}"
-        export_dir = f"{run_dir}/export"
         if "://" not in run_dir:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             dump_config(cfg, Path(run_dir) / "config.yaml")
@@ -157,6 +240,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,
             "init_checkpoint_uri": cfg.model.checkpoint, "teacher_checkpoint_uri": cfg.train.distillation.teacher,
             "resume_from": resume_from_checkpoint, "dataset_fingerprint": spec.fingerprint,
+            "tracking": None if tracked is None else {**tracked.as_dict(), "resumed": tracked.resumed,
+                                                      "tags": tags},
         }
         resources = {"CPU": cfg.cluster.cpus_per_worker}
         if cfg.cluster.use_gpu:
@@ -189,8 +274,20 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         result = trainer.fit()
         if result.error:
             raise result.error
-        return TrainResult(run_name, run_dir, export_dir, dict(result.metrics or {}),
-                           result.checkpoint.path if result.checkpoint else None, time.perf_counter() - t0)
+        out = TrainResult(run_name, run_dir, export_dir, dict(result.metrics or {}),
+                          result.checkpoint.path if result.checkpoint else None, time.perf_counter() - t0,
+                          mlflow_run_id=tracked.run_id if tracked else None)
+        if tracked is not None:
+            _register(cfg, out, tracked, spec)
+        status = "FINISHED"
+        return out
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
+        if tracked is not None:
+            from vitray.tracking.runs import end_run
+
+            end_run(tracked, status)
         if started:
             ray.shutdown()

@@ -1,0 +1,108 @@
+"""Inference on an exported model in one process: encoded bytes (or decoded arrays) in, class probabilities out.
+
+The one preprocessing path for everything that is not training: the MLflow pyfunc, Ray Serve replicas and batch
+scoring wrap a :class:`Predictor`, and the Ray-based paths are checked against :func:`evaluate_export`. Needs
+``vitray.models`` and ``vitray.data`` decode/transforms only (no Ray, no DeepSpeed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitray.data.decode import decode_image
+from vitray.data.transforms import EvalTransform
+
+__all__ = ["Predictor", "preprocess", "evaluate_export", "InputError"]
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InputError(ValueError):
+    """An input the caller must fix (undecodable bytes, wrong array shape): the message names the item."""
+
+
+def _as_rgb(item, max_pixels: int | None) -> np.ndarray:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image(bytes(item), max_pixels)
+    arr = np.asarray(item)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise InputError(f"decoded image must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.dtype != np.uint8:
+        raise InputError(f"decoded image must be uint8 RGB, got {arr.dtype}")
+    return np.ascontiguousarray(arr[:, :, :3])
+
+
+def preprocess(images: list, meta: dict, max_pixels: int | None = None) -> torch.Tensor:
+    """Encoded images (or decoded uint8 arrays) -> the normalised float batch an exported model expects (its own
+    preprocessing). A bad item raises :class:`InputError` naming its index."""
+    pre = meta["preprocessing"]
+    t = EvalTransform(pre["img_size"], crop_pct=pre["crop_pct"], interpolation=pre["interpolation"])
+    out = []
+    for i, item in enumerate(images):
+        try:
+            out.append(t(_as_rgb(item, max_pixels))[0].transpose(2, 0, 1))
+        except InputError as err:
+            raise InputError(f"image {i}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - DecodeError, PIL errors: name the item, keep the reason
+            raise InputError(f"image {i}: cannot decode ({err})") from None
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(out))).float()
+    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1) * 255
+    std = torch.tensor(pre["std"]).view(1, 3, 1, 1) * 255
+    return (x - mean) / std
+
+
+class Predictor:
+    """An exported classification model ready for inference: ``probabilities(images)`` -> (N, classes) float32."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: str | torch.device = "cpu",
+                 precision: str = "fp32", max_pixels: int | None = 64_000_000):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.class_names = list(meta.get("class_names") or [])
+        self.dtype = PRECISIONS[precision]
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_export(cls, folder: str | Path, **kw) -> "Predictor":
+        from vitray.models.export import load_export
+
+        model, meta = load_export(folder)
+        return cls(model, meta, **kw)
+
+    @torch.no_grad()
+    def probabilities(self, images: list) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        x = preprocess(images, self.meta, self.max_pixels).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            logits = self.model(x)
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+    def label_name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+
+@torch.no_grad()
+def evaluate_export(model, meta: dict, shards: str, split: str = "val", batch_size: int = 256) -> tuple[float, int]:
+    """Top-1 of an exported model over one split of packed shards, one process, no Ray."""
+    import pyarrow.parquet as pq
+
+    from vitray.data.formats import Manifest
+
+    m = Manifest.read(shards)
+    correct = n = 0
+    for f in m.files(shards, split):
+        table = pq.read_table(f, columns=["image", "label"])
+        images, labels = table.column("image").to_pylist(), np.asarray(table.column("label"))
+        for i in range(0, len(images), batch_size):
+            pred = model(preprocess(images[i:i + batch_size], meta)).argmax(1).numpy()
+            correct += int((pred == labels[i:i + batch_size]).sum())
+            n += len(pred)
+    return correct / max(n, 1), n

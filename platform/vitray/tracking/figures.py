@@ -1,0 +1,81 @@
+"""Pictures for MLflow that people would rather look at than read: the confusion matrix, and val images with
+their true and predicted labels. Rendered with matplotlib's object API on an Agg canvas (no pyplot, no display,
+safe in the logger's background thread) into PIL images."""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["confusion_matrix_image", "prediction_grid_image"]
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _to_pil(fig):
+    from PIL import Image
+
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[:, :, :3].copy())
+
+
+def confusion_matrix_image(counts: np.ndarray, class_names: list[str], title: str = ""):
+    """Rows = true class, columns = predicted, colour = share of the row; counts written in when it stays legible."""
+    counts = np.asarray(counts, dtype=np.int64)
+    c = counts.shape[0]
+    names = list(class_names) if len(class_names) == c else [str(i) for i in range(c)]
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(4 + 0.45 * c, 24)
+    fig = _figure(side, side * 0.9)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if c <= 40:
+        ax.set_xticks(range(c), names, rotation=90 if c > 10 else 0, fontsize=8)
+        ax.set_yticks(range(c), names, fontsize=8)
+    if c <= 25:
+        for i in range(c):
+            for j in range(c):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    acc = np.trace(counts) / max(counts.sum(), 1)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title + ': ' if title else ''}{int(counts.sum()):,} val images, top-1 {acc:.3f}")
+    fig.tight_layout()
+    return _to_pil(fig)
+
+
+def prediction_grid_image(images: np.ndarray, labels: np.ndarray, preds: np.ndarray, probs: np.ndarray,
+                          class_names: list[str], title: str = ""):
+    """uint8 images (N, 3, H, W) or (N, H, W, 3) with 'true -> predicted (p)' above each, red when wrong."""
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+        images = images.transpose(0, 2, 3, 1)
+    n = len(images)
+    cols = min(8, max(n, 1))
+    rows = max(1, -(-n // cols))
+    fig = _figure(cols * 1.6, rows * 1.8 + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+
+    def name(i: int) -> str:
+        return class_names[i] if 0 <= i < len(class_names) else str(i)
+
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(images[k], interpolation="nearest")
+        ok = int(labels[k]) == int(preds[k])
+        ax.set_title(f"{name(int(labels[k]))} → {name(int(preds[k]))}\n({float(probs[k]):.2f})", fontsize=7,
+                     color="darkgreen" if ok else "red")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _to_pil(fig)
