@@ -26,7 +26,24 @@ def test_models_zoo_lists_names_with_params_and_gflops(cli):
 
 @pytest.mark.slow
 def test_quickstart_runs_on_embedded_defaults(cli, tmp_path):
+    """The whole product on the embedded defaults; also the accuracy check of the training recipe: the digits ViT
+    (2 workers, ZeRO-2, 25 epochs) reaches >= 90% val top-1, and the export, evaluated offline, is that model."""
     res = cli("quickstart", "--home", str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "quickstart done" in res.stdout
     assert (tmp_path / "quickstart" / "config.yaml").is_file()
+    # the embedded MLflow store under --home: a finished run with the DESIGN metrics, the model registered champion,
+    # and the registered pyfunc agreeing with the export (the quickstart prints the largest probability gap)
+    from vitray.tracking.uris import client_for
+
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vitray-quickstart")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.metrics["val/top1"] >= 0.9
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/loss", "val/top5", "epoch", "step"} <= set(run.data.metrics)
+    assert str(client.get_model_version_by_alias("digits-vit", "champion").version) == "1"
+    gap = float(res.stdout.split("max |p - p_export| ")[1].split()[0])
+    assert gap <= 1e-5
+    assert run.data.metrics["step"] == 300  # 25 epochs x 12 optimizer steps
+    offline = float(res.stdout.split("195 val images, top-1 ")[1].split()[0])  # printed with 3 decimals
+    assert abs(offline - run.data.metrics["val/top1"]) <= 5e-4

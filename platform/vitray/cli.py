@@ -79,12 +79,11 @@ def _tracking_cfg(args, base: dict | None = None):
 
 
 def _registry_client(args):
-    from vitray.tracking import check_reachable, default_tracking_uri, use_tracking_uri
+    from vitray.tracking import check_reachable, default_tracking_uri
     from vitray.tracking.uris import client_for
 
     uri = default_tracking_uri(args.tracking_uri)
     check_reachable(uri)
-    use_tracking_uri(uri)
     return client_for(uri), uri
 
 

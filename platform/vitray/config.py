@@ -175,8 +175,7 @@ class TrackingConfig(_Section):
     registered_model: str | None = Field(None, min_length=1, description="register the trained model under this name")
     promotion_metric: str = Field("val/top1", min_length=1)
     promotion_mode: Literal["max", "min"] = "max"
-    flush_interval_s: float = Field(10.0, gt=0.0, description="metrics are sent in batches at most this often "
-                                                              "(and at every epoch end)")
+    flush_interval_s: float = Field(10.0, gt=0.0, description="metrics are sent in batches this often (and at the end)")
     log_images: Literal["end", "epoch", "off"] = Field("end", description="confusion matrix + val prediction grid")
     image_grid: int = Field(16, ge=1, le=64, description="val images in the prediction grid")
     connect_timeout_s: float = Field(10.0, gt=0.0, description="a server that does not answer in this time fails the "

@@ -88,7 +88,10 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
         summary.append(("MLflow store", default_tracking_uri(cfg.tracking.uri)))
         summary.append(("MLflow run", result.mlflow_run_id))
         summary.append(("registered model", f"models:/{reg.name}/{reg.version} (@{reg.alias})"))
-        agree, n = _pyfunc_agrees(reg.registry_uri, result.export_dir, str(shards), cfg.data.val_split)
+        from .tracking import tracking_scope
+
+        with tracking_scope(default_tracking_uri(cfg.tracking.uri)):
+            agree, n = _pyfunc_agrees(reg.registry_uri, result.export_dir, str(shards), cfg.data.val_split)
         print(f"    {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})")
         print(f"    mlflow.pyfunc.load_model('{reg.registry_uri}') on {n} val images: top-1 {agree['top1']:.3f}, "
               f"max |p - p_export| {agree['max_abs_diff']:.1e} ({time.perf_counter() - t:.1f}s)")

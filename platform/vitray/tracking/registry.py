@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .runs import RUN_NAME_TAG, TrackingError, check_reachable, ensure_experiment
-from .uris import client_for, default_tracking_uri, use_tracking_uri
+from .uris import client_for, default_tracking_uri, tracking_scope
 
 __all__ = ["Registration", "log_and_register", "gate", "champion_of", "list_models", "model_versions", "set_alias",
            "METRIC_TAG_PREFIX", "CHAMPION", "CHALLENGER"]
@@ -129,9 +129,8 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
     name = name or tracking_cfg.registered_model
     uri = default_tracking_uri(tracking_cfg.uri)
     check_reachable(uri, tracking_cfg.connect_timeout_s)
-    use_tracking_uri(uri)
     client = client_for(uri)
-    with tempfile.TemporaryDirectory(prefix="vitray-register-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vitray-register-") as tmp, tracking_scope(uri):
         local = _local_export(export_dir, tmp)
         meta = read_export_meta(local)
         try:

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .uris import client_for, default_tracking_uri, use_tracking_uri
+from .uris import client_for, default_tracking_uri
 
 __all__ = ["TrackingError", "TrackedRun", "check_reachable", "start_run", "end_run", "bounded_http",
            "flatten_params", "git_commit", "RUN_NAME_TAG"]
@@ -128,7 +128,6 @@ def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None) -
 
     uri = default_tracking_uri(tracking_cfg.uri)
     check_reachable(uri, tracking_cfg.connect_timeout_s)
-    use_tracking_uri(uri)
     client = client_for(uri)
     try:
         with bounded_http(retries=2, timeout_s=tracking_cfg.connect_timeout_s):

@@ -5,12 +5,13 @@ With no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``, vitray uses a sqlite fi
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from vitray.config import ConfigError, is_model_uri, vitray_home
 
-__all__ = ["default_tracking_uri", "client_for", "use_tracking_uri", "resolve_model_uri", "load_model", "ModelUriError"]
+__all__ = ["default_tracking_uri", "client_for", "tracking_scope", "resolve_model_uri", "load_model", "ModelUriError"]
 
 
 class ModelUriError(ConfigError):
@@ -35,14 +36,33 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def use_tracking_uri(configured: str | None = None) -> str:
-    """Point the MLflow client (tracking and registry) at the configured, environment or embedded store."""
+@contextlib.contextmanager
+def tracking_scope(uri: str):
+    """Point MLflow's process-wide tracking and registry URIs at ``uri`` for the fluent calls inside (log_model,
+    register_model, download_artifacts, pyfunc.load_model), then put back what was there, environment included:
+    ``mlflow.set_tracking_uri`` also exports $MLFLOW_TRACKING_URI, which would otherwise leak into every later
+    default in this process and into its subprocesses."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    uri = default_tracking_uri(configured)
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None),
+             os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return uri
+    try:
+        yield uri
+    finally:
+        if saved[0] is None:
+            mlflow.set_tracking_uri(None)  # unsets the variable too
+        else:
+            mlflow.set_tracking_uri(saved[0])
+        registry_utils._registry_uri = saved[1]
+        for key, value in (("MLFLOW_TRACKING_URI", saved[2]), ("MLFLOW_REGISTRY_URI", saved[3])):
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _find_export(root: Path) -> Path | None:
@@ -65,9 +85,9 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | Non
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    use_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
+        with tracking_scope(default_tracking_uri(tracking_uri)):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
     except MlflowException as err:
         raise ModelUriError(f"model {uri}: {str(err).splitlines()[0]}") from None
     found = _find_export(local)

@@ -420,9 +420,8 @@ class _Worker:
             t_eval = time.perf_counter()
             metrics = {"epoch": self.epoch, "step": self.global_step, "train/skipped_images": self.skipped_total, **val}
             self.log_line({"event": "epoch_end", **metrics})
-            if self.logger is not None:
+            if self.logger is not None:  # sent with the next batch (every tracking.flush_interval_s) or at the end
                 self.logger.log_metrics(metrics, self.global_step)
-                self.logger.flush()
             if self.is_rank0 and val:
                 shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "val/skipped_images")
                 print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", flush=True)

@@ -221,6 +221,14 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     started = init_ray(address, None if address else _local_cpus(cfg))
     status = "FAILED"
     try:
+        if tracked is not None and not tracked.tracking_uri.startswith(("http://", "https://", "databricks")):
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            if len(nodes) > 1:  # rank 0 may run on another node, where this file does not exist
+                from vitray.config import ConfigError
+
+                raise ConfigError(f"tracking.uri: {tracked.tracking_uri} is a file on this machine, but the Ray cluster "
+                                  f"has {len(nodes)} nodes; point tracking.uri (or MLFLOW_TRACKING_URI) at an MLflow "
+                                  "server the workers can reach")
         spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec)
         train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
         _maybe_materialize_val(datasets, spec, cfg, img_size)
