@@ -146,6 +146,10 @@ def test_run_logs_params_design_metrics_config_tags_and_pictures(server_run, mlf
     for name in ("confusion_matrix.png", "val_predictions.png"):
         with Image.open(dest / "pictures" / name) as im:
             assert im.format == "PNG" and min(im.size) > 200
+    # the matrix behind the picture is summed over both workers' val shares: every val image once, top-1 its trace
+    counts = np.array(json.loads((dest / "pictures" / "confusion_matrix.json").read_text())["rows_true_cols_predicted"])
+    assert counts.shape == (10, 10) and counts.sum() == 195
+    assert np.trace(counts) / 195 == pytest.approx(result.metrics["val/top1"])
     # resume state stays in run storage: no DeepSpeed shards in MLflow
     assert not list(dest.rglob("*optim_states*")) and not list(dest.rglob("mp_rank_*"))
 

@@ -171,7 +171,8 @@ def test_worker_killed_mid_epoch_resumes_without_repeats_or_gaps(ray_cluster, di
     monkeypatch.setenv("VITRAY_TEST_KILL_AT_STEP", "8")
     monkeypatch.setenv("VITRAY_TEST_KILL_MARKER", str(marker))
     cfg = make_cfg(digits, tmp_path, train={"epochs": 2, "log_every_steps": 1, "checkpoint_every_steps": 5},
-                   cluster={"max_failures": 1, "run_name": "ft"})
+                   cluster={"max_failures": 1, "run_name": "ft"},
+                   tracking={"enabled": True, "flush_interval_s": 1.0})  # the embedded store under this test's home
     result = run_training(cfg)
     assert marker.read_text() == "8"  # the hook really killed a worker at step 8
     assert result.metrics["step"] == 24  # 2 epochs x 12 optimizer steps: exactly the configured number
@@ -182,6 +183,15 @@ def test_worker_killed_mid_epoch_resumes_without_repeats_or_gaps(ray_cluster, di
     assert after == list(range(6, 25))  # neither repeats nor skips
     before = [r["step"] for r in log[:resumed[0]] if "train/loss" in r]
     assert before == list(range(1, 9))  # the killed attempt got to step 8; steps 6-8 were redone from the checkpoint
+    # MLflow: the restarted workers kept logging into the same run, which ends FINISHED with every step
+    from vitray.tracking import default_tracking_uri
+    from vitray.tracking.uris import client_for
+
+    client = client_for(default_tracking_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("vitray").experiment_id])
+    assert run.info.run_id == result.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.data.params["train.checkpoint_every_steps"] == "5"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")} == set(range(1, 25))
 
 
 @pytest.mark.slow

@@ -69,13 +69,19 @@ def _tracking_cfg(args, base: dict | None = None):
 
     from vitray.config import TrackingConfig
 
-    fields = dict(base or {})
+    from pydantic import ValidationError
+
+    fields = {k: v for k, v in (base or {}).items() if k in TrackingConfig.model_fields}  # older exports: known keys
     if os.environ.get("MLFLOW_TRACKING_URI"):
         fields["uri"] = None
     for key in ("tracking_uri", "experiment", "promotion_metric", "promotion_mode", "name"):
         if getattr(args, key, None):
             fields[{"tracking_uri": "uri", "name": "registered_model"}.get(key, key)] = getattr(args, key)
-    return TrackingConfig(**fields)
+    try:
+        return TrackingConfig(**fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UsageError(f"tracking.{'.'.join(str(x) for x in first['loc'])}: {first['msg']}") from None
 
 
 def _registry_client(args):

@@ -24,7 +24,8 @@ MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's log_batch limits
 class RunLogger:
     def __init__(self, tracking_uri: str, run_id: str, flush_interval_s: float = 10.0, max_buffered: int = 200_000,
                  request_timeout_s: float = 10.0):
-        # this process logs only through this class: make each HTTP attempt short and let the thread retry
+        # make each HTTP attempt short and let the thread retry (restored by close())
+        self._env = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(request_timeout_s))
         from .uris import client_for
@@ -32,7 +33,8 @@ class RunLogger:
         self.client = client_for(tracking_uri)
         self.uri, self.run_id = tracking_uri, run_id
         self.interval = flush_interval_s
-        self._metrics: deque = deque(maxlen=max_buffered)
+        self._metrics: deque = deque()
+        self._max_buffered = max_buffered
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._files: deque = deque()  # (local path, PIL image or function drawing one; artifact file)
@@ -66,9 +68,10 @@ class RunLogger:
         with self._lock:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    if len(self._metrics) == self._metrics.maxlen:
+                    if len(self._metrics) >= self._max_buffered:  # bounded while the server is away: newest dropped
                         self.dropped += 1
-                    self._metrics.append(Metric(k, float(v), ts, int(step)))
+                    else:
+                        self._metrics.append(Metric(k, float(v), ts, int(step)))
         self.caller_seconds += time.perf_counter() - t0
 
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -113,6 +116,11 @@ class RunLogger:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout_s)
+        for key, value in self._env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         left = self.pending()
         if left:
             print(f"[vitray] warning: {left} metric(s)/param(s)/file(s) could not be sent to MLflow at {self.uri} "
@@ -120,6 +128,10 @@ class RunLogger:
         if self.dropped:
             print(f"[vitray] warning: {self.dropped} buffered metric(s) were dropped while MLflow was unreachable",
                   flush=True)
+        if not self._thread.is_alive():
+            import shutil
+
+            shutil.rmtree(self._tmp, ignore_errors=True)
         return not left
 
     def pending(self) -> int:
@@ -128,6 +140,12 @@ class RunLogger:
 
     # ---------------------------------------------------------------------------------- sender thread
     def _loop(self) -> None:
+        try:
+            self._run()
+        except Exception as err:  # noqa: BLE001 - a dead sender must say so; training goes on regardless
+            print(f"[vitray] warning: the MLflow logging thread stopped: {type(err).__name__}: {err}", flush=True)
+
+    def _run(self) -> None:
         backoff = 1.0
         while True:
             self._wake.wait(self.interval if self._failing_since is None else backoff)
@@ -164,9 +182,19 @@ class RunLogger:
                 except Exception as err:  # noqa: BLE001
                     if not _rejected(err):
                         raise
-                    # the server refused the content (e.g. a param changed on resume): retrying cannot help
-                    print(f"[vitray] warning: MLflow refused {len(params)} param(s), {len(tags)} tag(s), "
-                          f"{len(metrics)} metric(s): {str(err).splitlines()[0][:300]}", flush=True)
+                    # the server refused the content (e.g. a param changed on resume): retrying it cannot help.
+                    # Drop the params and tags of the request and send its metrics alone; metrics refused alone go.
+                    print(f"[vitray] warning: MLflow refused a batch ({len(params)} param(s), {len(tags)} tag(s), "
+                          f"{len(metrics)} metric(s)): {str(err).splitlines()[0][:300]}", flush=True)
+                    with self._lock:
+                        for k in params:
+                            self._params.pop(k, None)
+                        for k in tags:
+                            self._tags.pop(k, None)
+                        if not (params or tags):
+                            for _ in metrics:
+                                self._metrics.popleft()
+                    continue
                 with self._lock:
                     for _ in metrics:
                         self._metrics.popleft()

@@ -77,24 +77,36 @@ def _version_tag_value(value) -> str:
 
 def champion_of(client, name: str, metric: str) -> tuple[str | None, float | None]:
     """(version, its metric) of the current champion; (None, None) when there is none."""
+    import math
+
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None
+    except MlflowException as err:  # no model or no alias yet; anything else (a 5xx, a timeout) must not crown
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None, None
+        raise
     value = mv.tags.get(METRIC_TAG_PREFIX + metric)
     if value is None and mv.run_id:
         try:
             value = client.get_run(mv.run_id).data.metrics.get(metric)
         except MlflowException:
             value = None
-    return str(mv.version), (float(value) if value is not None else None)
+    try:
+        value = float(value) if value is not None else None
+    except ValueError:
+        value = None
+    return str(mv.version), (value if value is not None and math.isfinite(value) else None)
 
 
 def gate(client, name: str, version: str, value: float | None, metric: str, mode: str) -> tuple[str, str]:
     """Set ``champion`` or ``challenger`` on ``version``; returns (alias, why)."""
+    import math
+
     champ, champ_value = champion_of(client, name, metric)
+    if value is not None and not math.isfinite(float(value)):
+        value = None
     if champ is None:
         alias, why = CHAMPION, "first version with a champion"
     elif value is None:

@@ -122,8 +122,9 @@ def git_commit(path: str | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None) -> TrackedRun:
-    """Check the store, then create (or, for a resumed run name, find) the MLflow run. Raises TrackingError."""
+def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None, reuse: bool = False) -> TrackedRun:
+    """Check the store, then create the MLflow run, or with ``reuse`` (the training resumes) continue the latest run
+    tagged with this run name. Raises TrackingError."""
     from mlflow.exceptions import MlflowException
 
     uri = default_tracking_uri(tracking_cfg.uri)
@@ -133,7 +134,7 @@ def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None) -
         with bounded_http(retries=2, timeout_s=tracking_cfg.connect_timeout_s):
             exp_id = ensure_experiment(client, tracking_cfg.experiment, uri)
             found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                       max_results=1, order_by=["attributes.start_time DESC"])
+                                       max_results=1, order_by=["attributes.start_time DESC"]) if reuse else []
             if found:
                 run_id = found[0].info.run_id
                 client.update_run(run_id, status="RUNNING")

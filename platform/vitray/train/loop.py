@@ -136,12 +136,7 @@ class _Worker:
         self.last_val: dict[str, float] = {}
         self.skipped_total = 0
         self.tracking = loop_cfg.get("tracking")  # the MLflow run the driver opened (None: tracking off)
-        self.logger = None
-        if self.tracking and self.is_rank0:
-            from vitray.tracking.logger import RunLogger
-
-            self.logger = RunLogger(self.tracking["tracking_uri"], self.tracking["run_id"],
-                                    flush_interval_s=self.cfg.tracking.flush_interval_s)
+        self.logger = None  # rank 0's RunLogger, made at the end of build() (after any model downloads)
 
     # ------------------------------------------------------------------------------------------- setup
     def build(self) -> None:
@@ -176,16 +171,30 @@ class _Worker:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + self.global_step)
-        if self.logger is not None:
-            self._log_run_info(resumed=meta is not None)
         teacher = self._local_weights("teacher_checkpoint")
         if cfg.train.task == "classification":
             self.task.setup(self.device, self.dtype, teacher_path=teacher)
         else:
             self.task.setup(self.device, self.dtype)
+        if self.tracking and self.is_rank0:
+            self._start_logger()
 
-    def _log_run_info(self, resumed: bool) -> None:
-        """Params (the flattened resolved config), tags and the config YAML, once per MLflow run."""
+    def _start_logger(self) -> None:
+        """Never fatal: a store that fails here leaves this run untracked from the workers, with a warning."""
+        from vitray.tracking.logger import RunLogger
+
+        try:
+            self.logger = RunLogger(self.tracking["tracking_uri"], self.tracking["run_id"],
+                                    flush_interval_s=self.cfg.tracking.flush_interval_s)
+            self._log_run_info()
+        except Exception as err:  # noqa: BLE001
+            self.logger = None
+            print(f"[vitray] warning: MLflow logging from the workers is off for this run: {type(err).__name__}: "
+                  f"{str(err).splitlines()[0][:200] if str(err) else ''}", flush=True)
+
+    def _log_run_info(self) -> None:
+        """Params (the flattened resolved config), tags and the config YAML, once per MLflow run (a run the driver
+        found again for a resume already has them; re-logging equal values would be accepted anyway)."""
         import ray
 
         from vitray.config import dump_config
@@ -195,7 +204,7 @@ class _Worker:
         tags["ray.job_id"] = ray.get_runtime_context().get_job_id()
         tags["vitray.workers"] = str(self.world)
         self.logger.set_tags(tags)
-        if not (resumed or self.tracking.get("resumed")):
+        if not self.tracking.get("resumed"):
             self.logger.log_params(flatten_params(self.cfg.model_dump(mode="json")))
             self.logger.log_text(dump_config(self.cfg), "config.yaml")
         self.logger.flush()
@@ -298,7 +307,11 @@ class _Worker:
             t0 = time.perf_counter()
             drawn = self.task.eval_pictures(lambda t: _all_reduce_tensor(t, self.device), self.is_rank0)
             for name, image in drawn.items():
-                self.logger.log_image(image, name)
+                if self.logger is not None:
+                    if name.endswith(".json"):
+                        self.logger.log_text(image, name)
+                    else:
+                        self.logger.log_image(image, name)
             if self.logger is not None:
                 self.logger.caller_seconds += time.perf_counter() - t0
         self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
@@ -442,17 +455,31 @@ class _Worker:
         if self.is_rank0:
             extra = {"mlflow_run_id": self.tracking["run_id"], "mlflow_tracking_uri": self.tracking["tracking_uri"]} \
                 if self.tracking else None
+            metrics = dict(self.last_val)
+            if self.ema is not None:  # the export is the EMA model: its metrics under the plain names (the gate's)
+                for key in [k for k in metrics if k.endswith("_ema")]:
+                    base = key[:-len("_ema")]
+                    metrics[f"{base}_raw"] = metrics.get(base)
+                    metrics[base] = metrics.pop(key)
             write_export(self.loop_cfg["export_dir"], state, self.cfg, self.class_names,
-                         metrics={**self.last_val, "step": self.global_step}, extra=extra)
+                         metrics={**metrics, "step": self.global_step}, extra=extra)
             print(f"[vitray] exported model to {self.loop_cfg['export_dir']}", flush=True)
-        if self.logger is not None:
-            self.logger.close()
-            self.log_line({"event": "tracking_closed", "requests": self.logger.sent_requests,
-                           "caller_seconds": self.logger.caller_seconds, "unsent": self.logger.pending()})
+        self.close_logger()
+
+    def close_logger(self, timeout_s: float = 30.0) -> None:
+        if self.logger is None:
+            return
+        logger, self.logger = self.logger, None
+        logger.close(timeout_s)
+        self.log_line({"event": "tracking_closed", "requests": logger.sent_requests,
+                       "caller_seconds": logger.caller_seconds, "unsent": logger.pending()})
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
     worker = _Worker(loop_cfg)
-    worker.build()
-    worker.run()
-    worker.export()
+    try:
+        worker.build()
+        worker.run()
+        worker.export()
+    finally:  # a failing attempt still sends what it logged (briefly: the restart must not wait on MLflow)
+        worker.close_logger(timeout_s=10.0)

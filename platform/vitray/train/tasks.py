@@ -6,7 +6,9 @@ all-reduces across workers before :meth:`Task.eval_metrics` divides them (never 
 """
 from __future__ import annotations
 
+import json
 import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,9 @@ from torch import nn
 from vitray.data.transforms import make_mixup, normalize_batch
 from vitray.models import create_model, create_model_from_config
 
-__all__ = ["Task", "ClassificationTask", "build_task", "TASKS"]
+__all__ = ["Task", "ClassificationTask", "build_task", "TASKS", "CONFUSION_MAX_CLASSES"]
+
+CONFUSION_MAX_CLASSES = 200  # above this the confusion matrix is neither legible nor cheap: only the grid is logged
 
 log = logging.getLogger("vitray.train")
 
@@ -53,7 +57,8 @@ class Task:
         example images from this rank, plus whatever it aggregates)."""
 
     def eval_pictures(self, reduce, is_rank0: bool) -> dict:
-        """After an eval pass that kept pictures: ``{artifact file: PIL image, or a function drawing one}`` on rank 0
+        """After an eval pass that kept pictures: ``{artifact file: PIL image, a function drawing one, or JSON text
+        for ``.json`` files}`` on rank 0
         (functions are called off the training thread). ``reduce(tensor)``
         sums a tensor over all workers (a collective: every rank calls this)."""
         return {}
@@ -159,8 +164,9 @@ class ClassificationTask(Task):
         topk = logits.topk(k, dim=1).indices
         if getattr(self, "_keep", 0):
             c = logits.shape[1]
-            counts = torch.bincount(y * c + topk[:, 0], minlength=c * c).view(c, c)
-            self._confusion = counts if self._confusion is None else self._confusion + counts
+            if c <= CONFUSION_MAX_CLASSES:  # c x c counts: an ImageNet-21k matrix would be gigabytes per batch
+                counts = torch.bincount(y * c + topk[:, 0], minlength=c * c).view(c, c)
+                self._confusion = counts if self._confusion is None else self._confusion + counts
             have = sum(len(s[0]) for s in self._samples)
             if have < self._keep:
                 n = self._keep - have
@@ -180,18 +186,23 @@ class ClassificationTask(Task):
     def eval_pictures(self, reduce, is_rank0):
         if not getattr(self, "_keep", 0):
             return {}
-        c = self.num_classes
-        counts = self._confusion if self._confusion is not None else torch.zeros(c, c, dtype=torch.int64)
-        counts = reduce(counts.double())  # every rank joins, even one that saw no val rows
-        if not is_rank0:
-            return {}
         from functools import partial
 
         from vitray.tracking.figures import confusion_matrix_image, prediction_grid_image
 
-        # drawn later, by the tracking logger's thread: rendering costs the training loop nothing
-        pictures = {"pictures/confusion_matrix.png": partial(confusion_matrix_image, counts.round().long().cpu().numpy(),
-                                                             list(self.class_names), self.cfg.model.name)}
+        c = self.num_classes
+        pictures = {}
+        if c <= CONFUSION_MAX_CLASSES:
+            counts = self._confusion if self._confusion is not None else torch.zeros(c, c, dtype=torch.int64)
+            counts = reduce(counts.double()).round().long().cpu().numpy()  # every rank joins, even one with no val rows
+            if is_rank0:
+                # drawn later, by the tracking logger's thread: rendering costs the training loop nothing
+                pictures["pictures/confusion_matrix.png"] = partial(confusion_matrix_image, counts,
+                                                                    list(self.class_names), self.cfg.model.name)
+                pictures["pictures/confusion_matrix.json"] = json.dumps(
+                    {"class_names": list(self.class_names), "rows_true_cols_predicted": counts.tolist()})
+        if not is_rank0:
+            return {}
         if self._samples:
             images, labels, preds, probs = (torch.cat(t).numpy() for t in zip(*self._samples))
             pictures["pictures/val_predictions.png"] = partial(prediction_grid_image, images, labels, preds, probs,

@@ -214,13 +214,18 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         from vitray.tracking.runs import start_run
 
         tags = _tracking_tags(cfg, spec, run_dir, export_dir)
-        tracked = start_run(cfg.tracking, run_name, tags)
+        # continue the MLflow run only when the training itself continues (--resume, or Ray Train restoring the
+        # checkpoints of this run name); a fresh run that reuses a run name gets a fresh MLflow run
+        continuing = resume is not None or resume_from_checkpoint is not None or (
+            "://" not in run_dir and any(Path(run_dir).glob("checkpoint_*")))
+        tracked = start_run(cfg.tracking, run_name, tags, reuse=continuing)
         print(f"[vitray] MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) in experiment "
               f"{cfg.tracking.experiment!r} at {tracked.tracking_uri}", flush=True)
     address = address or cfg.cluster.address
-    started = init_ray(address, None if address else _local_cpus(cfg))
+    started = False
     status = "FAILED"
     try:
+        started = init_ray(address, None if address else _local_cpus(cfg))
         if tracked is not None and not tracked.tracking_uri.startswith(("http://", "https://", "databricks")):
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             if len(nodes) > 1:  # rank 0 may run on another node, where this file does not exist
