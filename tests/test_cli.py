@@ -16,8 +16,9 @@ def test_no_command_is_usage_error(cli):
 
 
 def test_models_zoo_lists_names_with_params_and_gflops(cli):
-    res = cli("models", "zoo")
+    res = cli("models", "zoo", "--filter", "vit_tiny_patch4,base_patch16_224,deit_small_distilled")
     assert res.returncode == 0, res.stderr
+    assert "vit_small_patch4_32" not in res.stdout  # filtered
     rows = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.startswith(("vit_", "deit"))}
     assert "vit_tiny_patch4_32" in rows and "vit_base_patch16_224" in rows and "deit_small_distilled_patch16_224" in rows
     base = rows["vit_base_patch16_224"]

@@ -48,7 +48,8 @@ def cmd_models_zoo(args) -> int:
 
     names = [n for n in list_zoo() if not args.vitray_only or n in VITRAY_MODELS]
     if args.filter:
-        names = [n for n in names if args.filter in n]
+        wanted = [w for w in args.filter.split(",") if w]
+        names = [n for n in names if any(w in n for w in wanted)]
     header = f"{'name':<36} {'img':>4} {'patch':>5} {'dim':>5} {'depth':>5} {'params(M)':>10} {'GFLOPs':>8} {'GMACs':>7}  source"
     print(header)
     print("-" * len(header))
@@ -286,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.required = True
     p = models.add_parser("zoo", help="buildable architectures with parameters and GFLOPs")
     p.add_argument("--vitray-only", action="store_true", help="only vitray's small-image configs")
-    p.add_argument("--filter", default=None, help="substring the name must contain")
+    p.add_argument("--filter", default=None, help="substring(s) the name must contain, comma-separated (any of them)")
     p.set_defaults(func=cmd_models_zoo)
 
     def tracking_arg(p):
