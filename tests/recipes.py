@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vitray.config import parse_config
 
-RECIPE = {  # the quickstart recipe (platform/vitray/configs/quickstart.yaml), shortened where a test allows
+RECIPE = {  # the quickstart recipe (platform/vitray/configs/quickstart.yaml) before it took avg pooling + clipping
     "model": {"name": "vit_pico_patch4_32", "num_classes": 10, "pos_embed": "sincos"},
     "data": {"batch_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3,
              "train_transforms": {"scale": [0.6, 1.0], "hflip": 0.0}, "eval_transforms": {"crop_pct": 1.0}},
