@@ -158,11 +158,8 @@ class RunLogger:
                 self._failing_since, backoff = None, 1.0
             else:
                 backoff = min(backoff * 2, 30.0)
-            if stopping and (ok or self._give_up()):
+            if stopping:  # one last try after close(): the end of a run cannot wait for a server to come back
                 return
-
-    def _give_up(self) -> bool:
-        return True  # close() joins with a deadline; one more failed try is all the end of a run can afford
 
     def _send_all(self) -> bool:
         try:

@@ -252,7 +252,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             "has_val": "val" in datasets, "export_dir": export_dir, "run_dir": run_dir,
             "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,
             "init_checkpoint_uri": cfg.model.checkpoint, "teacher_checkpoint_uri": cfg.train.distillation.teacher,
-            "resume_from": resume_from_checkpoint, "dataset_fingerprint": spec.fingerprint,
+            "resume_from": resume_from_checkpoint,
             "tracking": None if tracked is None else {**tracked.as_dict(), "resumed": tracked.resumed,
                                                       "tags": tags},
         }
