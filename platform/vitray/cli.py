@@ -6,6 +6,7 @@ Heavy imports (torch, ray) happen inside the command that needs them, so ``vitra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -223,6 +224,67 @@ def cmd_train(args) -> int:
     return 0
 
 
+SERVE_ACTIONS = ("reload", "config")
+
+
+def _serve_args(args):
+    """``vitray serve [reload|config] [CONFIG.yaml] [--model URI] ...`` -> (action, RunConfig)."""
+    from vitray.config import load_config
+
+    target = list(args.target)
+    action = target.pop(0) if target and target[0] in SERVE_ACTIONS else "run"
+    if len(target) > 1:
+        raise UsageError(f"serve: expected one CONFIG.yaml, got {' '.join(target)}")
+    if not target and not args.model:
+        raise UsageError("serve: give a CONFIG.yaml with a serve.models list, or --model URI")
+    cfg = load_config(target[0] if target else None, args.overrides)
+    if args.model:
+        from vitray.serve.app import model_from_uri
+
+        cfg.serve.models = [model_from_uri(args.model, args.name)]
+    for key in ("host", "port", "precision"):
+        if getattr(args, key) is not None:
+            setattr(cfg.serve, key, getattr(args, key))
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
+    if not cfg.serve.models:
+        raise UsageError("serve: serve.models is empty: list {name, uri} entries in the config, or use --model URI")
+    s = cfg.serve
+    if action == "run" and s.auth_token_env and not os.environ.get(s.auth_token_env, "").strip():
+        raise UsageError(f"serve.auth_token_env: environment variable {s.auth_token_env} is not set or empty")
+    if action == "run" and s.auth_token_file and not (Path(s.auth_token_file).is_file()
+                                                      and Path(s.auth_token_file).read_text().strip()):
+        raise UsageError(f"serve.auth_token_file: {s.auth_token_file} is missing or empty")
+    return action, cfg
+
+
+def cmd_serve(args) -> int:
+    action, cfg = _serve_args(args)
+    from vitray.serve import app
+
+    if action == "config":
+        import yaml
+
+        from vitray.tracking.uris import default_tracking_uri
+
+        tracking_uri = default_tracking_uri(cfg.tracking.uri)
+        pins = app.pin_models(cfg.serve, tracking_uri) if args.pin else None
+        text = yaml.safe_dump(app.serve_config(cfg, tracking_uri, pins), sort_keys=False)
+        if args.output:
+            Path(args.output).write_text(text)
+            print(f"Serve config written to {args.output} (deploy: serve deploy {args.output}; or a RayService's "
+                  "serveConfigV2)")
+        else:
+            sys.stdout.write(text)
+        return 0
+    if action == "reload":
+        for name, before, after in app.reload(cfg, address=args.address or "auto"):
+            change = "unchanged" if before == after else f"{before} -> {after}"
+            print(f"[vitray] {name}: version {change}")
+        return 0
+    return app.run(cfg, address=args.address)
+
+
 def cmd_quickstart(args) -> int:
     from vitray.quickstart import run_quickstart
 
@@ -259,6 +321,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: a local Ray)")
     p.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN (its name in the run storage) from its latest checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="serve models over HTTP with Ray Serve; `serve reload` after an alias moves; "
+                                     "`serve config` renders a Serve config file (serve deploy, RayService)",
+                       usage="vitray serve [reload|config] [CONFIG.yaml] [--model URI] [options]")
+    p.add_argument("target", nargs="*", metavar="[reload|config] CONFIG.yaml",
+                   help="a config with a serve section; first word reload or config for those actions")
+    p.add_argument("--model", default=None, metavar="URI", help="serve this one classification model "
+                   "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model or an export folder)")
+    p.add_argument("--name", default=None, help="with --model: its name in the API (default: the registered name)")
+    p.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port, 8000)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (run: default a local "
+                                                    "Ray; reload: default auto)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow registry (default: tracking.uri, "
+                   "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
+    p.add_argument("--pin", action="store_true", help="config: write the versions the aliases name now")
+    p.add_argument("--output", "-o", default=None, help="config: write the Serve config here instead of stdout")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set serve.max_batch_size=32")
+    p.set_defaults(func=cmd_serve)
 
     data = sub.add_parser("data", help="pack image sources into shards; inspect and verify them").add_subparsers(
         dest="data_command", metavar="ACTION")

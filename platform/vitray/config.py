@@ -183,36 +183,63 @@ class TrackingConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- serve
+SERVABLE_TASKS = ("classification",)
+
+
 class ServedModel(_Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    uri: str = Field(..., min_length=1)
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the name in the API")
+    uri: str = Field(..., min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model or "
+                                                      "an export folder")
     task: Literal["classification", "detection", "segmentation"] = "classification"
+
+    @model_validator(mode="after")
+    def _servable(self):
+        if self.task not in SERVABLE_TASKS:
+            raise ValueError(f"task {self.task!r} cannot be served yet (servable: {', '.join(SERVABLE_TASKS)})")
+        return self
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """Ray Serve: one deployment per model behind one FastAPI ingress. Batching, scaling and resources apply to
+    each model deployment; ``vitray serve config`` renders the same settings as a Serve config file."""
+
+    host: str = Field("127.0.0.1", description="HTTP bind address (0.0.0.0 inside a cluster)")
     port: int = Field(8000, gt=0, lt=65536)
     models: list[ServedModel] = []
     max_batch_size: int = Field(16, gt=0)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    max_ongoing_requests: int | None = Field(None, gt=0, description="default: 2 x max_batch_size")
+    max_ongoing_requests: int | None = Field(None, gt=0, description="per replica; default 2 x max_batch_size")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, gt=0)
-    target_ongoing_requests: float = Field(16.0, gt=0.0)
+    target_ongoing_requests: float = Field(16.0, gt=0.0, description="autoscaling target per replica")
     cpus_per_replica: float = Field(1.0, gt=0.0)
     gpus_per_replica: float = Field(0.0, ge=0.0)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    max_pixels: int = Field(64_000_000, gt=0)
-    auth_token_env: str | None = None
-    auth_token_file: str | None = None
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where the hardware has it natively (GPU, CPU with AMX/AVX512-BF16), else fp32")
+    decode: Literal["replica", "ingress"] = Field(
+        "replica", description="where images are decoded and resized: in the model replica's request path (threads, "
+                               "outside the batch) or in the ingress replicas (a separate CPU stage)")
+    decode_threads: int = Field(2, gt=0, description="decode threads per replica")
+    ingress_replicas: int = Field(1, gt=0)
+    ingress_cpus: float = Field(0.5, ge=0.0)
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="larger request bodies get 413")
+    max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels get 413 (decompression bombs)")
+    auth_token_env: str | None = Field(None, min_length=1, description="require 'Authorization: Bearer <token>', the "
+                                                                       "token read from this environment variable")
+    auth_token_file: str | None = Field(None, min_length=1, description="... or from this file (a Kubernetes Secret)")
 
     @model_validator(mode="after")
-    def _replicas(self):
+    def _consistent(self):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError("max_ongoing_requests must be >= max_batch_size, or batches are silently capped")
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or batches are silently capped")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: names must be unique, got {names}")
+        if self.auth_token_env and self.auth_token_file:
+            raise ValueError("set auth_token_env or auth_token_file, not both")
         return self
 
 

@@ -6,12 +6,14 @@ With no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``, vitray uses a sqlite fi
 from __future__ import annotations
 
 import contextlib
+import re
 import os
 from pathlib import Path
 
 from vitray.config import ConfigError, is_model_uri, vitray_home
 
-__all__ = ["default_tracking_uri", "client_for", "tracking_scope", "resolve_model_uri", "load_model", "ModelUriError"]
+__all__ = ["default_tracking_uri", "client_for", "tracking_scope", "resolve_model_uri", "load_model", "pin_model_uri",
+           "ModelUriError"]
 
 
 class ModelUriError(ConfigError):
@@ -74,7 +76,7 @@ def _find_export(root: Path) -> Path | None:
     return hits[0].parent if hits else None
 
 
-def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | None = None) -> Path:
+def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | None = None, progress: bool = False) -> Path:
     """A local export folder for ``uri``: itself when local, else the registered/logged model's artifacts
     downloaded from MLflow (``dest`` or a temporary folder). Errors name the URI and what is wrong."""
     if not is_model_uri(uri):
@@ -85,11 +87,18 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | Non
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if progress else "false"  # a bar per small file is noise
     try:
         with tracking_scope(default_tracking_uri(tracking_uri)):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest))
     except MlflowException as err:
         raise ModelUriError(f"model {uri}: {str(err).splitlines()[0]}") from None
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
     found = _find_export(local)
     if found is None:
         raise ModelUriError(f"model {uri}: downloaded to {local}, but it holds no vitray export (vitray_model.json)")
@@ -101,3 +110,25 @@ def load_model(uri: str, tracking_uri: str | None = None, device: str = "cpu"):
     from vitray.models.export import load_export
 
     return load_export(resolve_model_uri(uri, tracking_uri), device=device)
+
+
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+def pin_model_uri(uri: str, tracking_uri: str | None = None) -> dict:
+    """Where a registry URI points now: ``models:/NAME@ALIAS`` -> ``{"uri": "models:/NAME/7", "name": NAME,
+    "version": "7", "alias": ALIAS, "source": uri}``. A version URI pins to itself; other URIs (``runs:/``, a local
+    folder) have no registry version and are returned as they are. Serving loads the pinned URI, so every replica
+    runs the same version until the next explicit reload, whatever the alias does in between."""
+    m = _REGISTRY_URI.match(uri)
+    if not m:
+        return {"uri": uri, "name": None, "version": None, "alias": None, "source": uri}
+    name, alias, version = m["name"], m["alias"], m["version"]
+    if alias is not None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            version = str(client_for(default_tracking_uri(tracking_uri)).get_model_version_by_alias(name, alias).version)
+        except MlflowException as err:
+            raise ModelUriError(f"model {uri}: {str(err).splitlines()[0]}") from None
+    return {"uri": f"models:/{name}/{version}", "name": name, "version": str(version), "alias": alias, "source": uri}

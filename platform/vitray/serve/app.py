@@ -1,0 +1,285 @@
+"""The Serve application: built from the ``serve`` config section, run locally, rendered as a Serve config file,
+and reloaded in place.
+
+* :func:`build_app` is the application builder behind the import path ``vitray.serve.app:build_app``: ``serve
+  deploy``, ``serve run`` and a KubeRay RayService (``serveConfigV2``) build the same application from the ``args``
+  that :func:`serve_config` writes.
+* :func:`run` is ``vitray serve``: pins every registry alias to its version, checks each model loads, starts Serve on
+  ``serve.host:serve.port`` and deploys.
+* :func:`reload` is ``vitray serve reload``: re-pins the aliases and redeploys. Only the models' ``user_config``
+  changes, so Serve reconfigures the running replicas in place (no restart): each loads the new version beside the
+  old one and swaps; requests already admitted finish on the old one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from vitray import __version__
+from vitray.config import ConfigError, RunConfig, ServeConfig, ServedModel
+
+__all__ = ["APP_NAME", "IMPORT_PATH", "build_app", "app_args", "serve_config", "pin_models", "check_models", "run",
+           "reload", "model_from_uri", "deployment_name"]
+
+APP_NAME = "vitray"
+IMPORT_PATH = "vitray.serve.app:build_app"
+
+
+def deployment_name(model: str) -> str:
+    return f"classifier-{model}"
+
+
+def model_from_uri(uri: str, name: str | None = None) -> ServedModel:
+    """``vitray serve --model URI``: one classification model, named after the registered model or the folder."""
+    if not name:
+        if uri.startswith("models:/"):
+            name = uri[len("models:/"):].split("@")[0].split("/")[0]
+        else:
+            name = Path(uri.rstrip("/")).name if not uri.startswith("runs:/") else "model"
+        name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name).lstrip("-_.") or "model"
+    return ServedModel(name=name, uri=uri)
+
+
+def _unpinned(uri: str) -> dict:
+    return {"uri": uri, "name": None, "version": None, "alias": None, "source": uri}
+
+
+def pin_models(cfg: ServeConfig, tracking_uri: str | None) -> dict[str, dict]:
+    """Each model's URI resolved to what it points at now (``models:/NAME@ALIAS`` -> ``models:/NAME/7``)."""
+    from vitray.tracking.uris import pin_model_uri
+
+    return {m.name: pin_model_uri(m.uri, tracking_uri) for m in cfg.models}
+
+
+def check_models(pins: dict[str, dict], tracking_uri: str | None) -> dict[str, dict]:
+    """Fail before deploying (a replica that cannot load its model is restarted by Serve forever): each pinned
+    model resolves to an export whose task can be served. Returns each model's export meta."""
+    import tempfile
+
+    from vitray.models.export import read_export_meta
+    from vitray.tracking.uris import resolve_model_uri
+
+    metas = {}
+    for name, pin in pins.items():
+        with tempfile.TemporaryDirectory(prefix="vitray-check-") as tmp:
+            meta = read_export_meta(resolve_model_uri(pin["uri"], tracking_uri, dest=tmp))
+        if meta["task"] != "classification":
+            raise ConfigError(f"serve.models {name} ({pin['source']}): a {meta['task']} model cannot be served yet")
+        metas[name] = meta
+    return metas
+
+
+def _ongoing(cfg: ServeConfig) -> int:
+    return cfg.max_ongoing_requests or 2 * cfg.max_batch_size
+
+
+def classifier_options(cfg: ServeConfig, pin: dict) -> dict:
+    """Serve options of one model deployment; the same dict goes into the rendered config file."""
+    opts = {"max_ongoing_requests": _ongoing(cfg),
+            "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+            "user_config": {"model": pin, "max_batch_size": cfg.max_batch_size,
+                            "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
+            "graceful_shutdown_timeout_s": 30.0}
+    if cfg.min_replicas == cfg.max_replicas:
+        opts["num_replicas"] = cfg.max_replicas
+    else:
+        opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                      "target_ongoing_requests": cfg.target_ongoing_requests}
+    return opts
+
+
+def ingress_options(cfg: ServeConfig) -> dict:
+    # every request passes through the ingress: let it hold all the models' in-flight requests
+    return {"num_replicas": cfg.ingress_replicas, "ray_actor_options": {"num_cpus": cfg.ingress_cpus},
+            "max_ongoing_requests": max(256, 4 * _ongoing(cfg) * cfg.max_replicas * max(1, len(cfg.models)))}
+
+
+def app_args(cfg: ServeConfig, tracking_uri: str | None, pins: dict[str, dict] | None = None) -> dict:
+    return {"serve": cfg.model_dump(mode="json"), "tracking_uri": tracking_uri, "pins": pins or {}}
+
+
+def _stable_version(*parts) -> str:
+    """Serve restarts replicas when a deployment's code version changes and only reconfigures them when just
+    ``user_config`` changes. ``serve.run`` draws a random version per call unless one is given, so the version
+    is a hash of everything but ``user_config``: a reload is then a reconfigure, as it is for a config file."""
+    return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_app(args: dict):
+    """Application builder (``import_path: vitray.serve.app:build_app``); ``args`` as written by :func:`app_args`."""
+    from pydantic import ValidationError
+
+    from .classifier import Classifier
+    from .ingress import Ingress
+
+    try:
+        cfg = ServeConfig.model_validate(args.get("serve") or {})
+    except ValidationError as err:
+        from vitray.config import _format_errors
+
+        raise ValueError(str(_format_errors(err, "serve args"))) from None
+    if not cfg.models:
+        raise ValueError("serve.models is empty: list at least one {name, uri}, or use `vitray serve --model URI`")
+    tracking_uri = args.get("tracking_uri")
+    pins = args.get("pins") or {}
+    handles, tasks = {}, {}
+    for m in cfg.models:
+        pin = pins.get(m.name) or _unpinned(m.uri)
+        init = (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads)
+        opts = classifier_options(cfg, pin)
+        version = _stable_version(init, {k: v for k, v in opts.items() if k != "user_config"})
+        handles[m.name] = Classifier.options(name=deployment_name(m.name), version=version, _internal=True,
+                                             **opts).bind(*init)
+        tasks[m.name] = m.task
+    settings = {k: getattr(cfg, k) for k in ("max_body_bytes", "max_pixels", "decode", "decode_threads",
+                                             "auth_token_env", "auth_token_file")}
+    opts = ingress_options(cfg)
+    version = _stable_version("ingress", sorted(tasks.items()), settings, opts)
+    return Ingress.options(name="ingress", version=version, _internal=True, **opts).bind(handles, tasks, settings)
+
+
+def serve_config(cfg: RunConfig, tracking_uri: str | None = None, pins: dict[str, dict] | None = None,
+                 host: str | None = None) -> dict:
+    """A Serve config file (the ``serve deploy`` schema, and a RayService's ``serveConfigV2``) that deploys the
+    same application as ``vitray serve``. Without ``pins``, replicas resolve aliases when they start; pass pins
+    (``pin_models``) to fix the versions, and render again after the alias moves to roll out the new one."""
+    from vitray.tracking.uris import default_tracking_uri
+
+    s = cfg.serve
+    tracking_uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
+    deployments = [{"name": "ingress", **ingress_options(s)}]
+    for m in s.models:
+        deployments.append({"name": deployment_name(m.name), **classifier_options(s, (pins or {}).get(m.name)
+                                                                                   or _unpinned(m.uri))})
+    config = {"proxy_location": "EveryNode",
+            "http_options": {"host": host or s.host, "port": s.port},
+            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
+                              "args": app_args(s, tracking_uri, pins), "deployments": deployments}]}
+    return json.loads(json.dumps(config))  # plain data, no shared objects (YAML would write anchors for them)
+
+
+# ------------------------------------------------------------------------------------------------- running
+def _describe(cfg: ServeConfig, pins: dict, metas: dict) -> list[str]:
+    lines = []
+    for m in cfg.models:
+        pin, meta = pins[m.name], metas[m.name]
+        version = f"version {pin['version']}" + (f" ({pin['alias']})" if pin["alias"] else "") if pin["version"] else ""
+        lines.append(f"  {m.name:<16} {pin['source']}{' -> ' + version if version else ''}: "
+                     f"{meta['model']['name']}, {len(meta['class_names'])} classes, "
+                     f"{meta['preprocessing']['img_size']} px")
+    return lines
+
+
+def _wait_running(timeout_s: float = 300.0) -> None:
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        app = serve.status().applications.get(APP_NAME)
+        if app is not None and str(app.status).endswith("RUNNING"):
+            return
+        if app is not None and str(app.status).endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            raise RuntimeError(f"Serve application {APP_NAME} {app.status}: {app.message[:500]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"Serve application {APP_NAME} not running after {timeout_s:.0f}s")
+
+
+def deploy(cfg: RunConfig, tracking_uri: str | None = None, start_http: bool = True, pins: dict | None = None):
+    """Deploy (or update) the application on the connected Ray cluster; returns (pins, metas)."""
+    from ray import serve
+
+    from vitray.tracking.uris import default_tracking_uri
+
+    tracking_uri = default_tracking_uri(tracking_uri or cfg.tracking.uri)
+    pins = pins or pin_models(cfg.serve, tracking_uri)
+    metas = check_models(pins, tracking_uri)
+    if start_http:
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(app_args(cfg.serve, tracking_uri, pins)), name=APP_NAME, route_prefix="/")
+    _wait_running()
+    return pins, metas
+
+
+def current_versions() -> dict[str, str | None]:
+    """The version each running model deployment serves (asks one replica of each)."""
+    from ray import serve
+
+    out = {}
+    app = serve.status().applications.get(APP_NAME)
+    for dep in (app.deployments if app else {}):
+        if dep.startswith("classifier-"):
+            info = serve.get_deployment_handle(dep, app_name=APP_NAME).info.remote().result(timeout_s=60)
+            out[info["name"]] = info.get("version")
+    return out
+
+
+def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
+    """``vitray serve``: a local Ray instance (or ``address``), Serve on host:port, the app deployed."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    if not cfg.serve.models:
+        raise ConfigError("serve.models is empty: list at least one {name, uri} in the config, or use "
+                          "`vitray serve --model URI`")
+    from vitray.tracking.uris import default_tracking_uri
+
+    tracking_uri = default_tracking_uri(cfg.tracking.uri)
+    pins = pin_models(cfg.serve, tracking_uri)
+    check_models(pins, tracking_uri)  # fail fast, before Ray starts
+    address = address or cfg.cluster.address
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    t0 = time.time()
+    pins, metas = deploy(cfg, tracking_uri, pins=pins)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    print(f"[vitray] serving {len(pins)} model(s) on {url} in {time.time() - t0:.0f}s (API docs: {url}/docs)",
+          flush=True)
+    for line in _describe(cfg.serve, pins, metas):
+        print(line, flush=True)
+    first = cfg.serve.models[0].name
+    print(f"  try: curl -s -X POST -H 'content-type: image/png' --data-binary @image.png "
+          f"'{url}/v1/classify?model={first}&top_k=3'", flush=True)
+    if not block:
+        return 0
+    if address:
+        print("[vitray] deployed on the cluster; it keeps serving after this command exits "
+              f"(`serve shutdown` or `serve delete {APP_NAME}` to stop it)", flush=True)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("[vitray] Ctrl-C to stop", flush=True)
+    stop.wait()
+    print("[vitray] stopping Serve", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def reload(cfg: RunConfig, address: str | None = "auto") -> list[tuple[str, str | None, str | None]]:
+    """``vitray serve reload``: point the running replicas at the versions the aliases name now.
+    Returns (model, version before, version after) per model."""
+    import ray
+
+    from vitray.tracking.uris import default_tracking_uri
+
+    tracking_uri = default_tracking_uri(cfg.tracking.uri)
+    pins = pin_models(cfg.serve, tracking_uri)
+    check_models(pins, tracking_uri)
+    if not ray.is_initialized():
+        ray.init(address=address or "auto", log_to_driver=False)
+    before = current_versions()
+    deploy(cfg, tracking_uri, start_http=False, pins=pins)
+    want = {name: pin["version"] for name, pin in pins.items()}
+    deadline = time.time() + 300
+    while (now := current_versions()) != want and time.time() < deadline:  # every replica answers on the new one
+        time.sleep(0.5)
+    return [(name, before.get(name), now.get(name)) for name in pins]

@@ -1,0 +1,169 @@
+"""The classification model deployment: one per served model, loaded from its URI, batched with ``@serve.batch``.
+
+A request's image is decoded and resized on a thread pool in the request path (or arrives already decoded from the
+ingress), so decoding never runs inside the batch; the batch only normalises and runs the forward, on its own
+thread, so the event loop keeps admitting requests while a batch computes. The model comes from ``user_config``
+(``{"model": <pinned URI dict>, "max_batch_size": N, "batch_wait_timeout_s": T}``): a new ``user_config`` loads the
+new version beside the old one and swaps it in; requests already admitted finish on the version they started with.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from ray import serve
+
+from vitray.data.decode import DecodeError
+from vitray.predict import InputError, Predictor
+
+__all__ = ["Classifier", "LoadedModel", "error_status"]
+
+log = logging.getLogger("ray.serve")
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def error_status(err: Exception) -> int:
+    """413 for an image over the pixel cap (a decompression bomb), 400 for anything else undecodable."""
+    return 413 if isinstance(err, DecodeError) and str(err).startswith("too many pixels") else 400
+
+
+@dataclass
+class LoadedModel:
+    """One loaded version. ``key`` identifies it: crops prepared for another key are re-prepared, never mixed."""
+
+    predictor: Predictor
+    pin: dict
+    key: str
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def info(self) -> dict:
+        meta = self.predictor.meta
+        return {"task": meta["task"], "uri": self.pin["source"], "version": self.pin["version"],
+                "alias": self.pin["alias"], "registered_model": self.pin["name"], "key": self.key,
+                "classes": self.predictor.class_names, "num_classes": len(self.predictor.class_names),
+                "input_size": self.predictor.input_size, "architecture": meta["model"]["name"],
+                "precision": self.predictor.precision, "device": str(self.predictor.device),
+                "preprocessing": meta["preprocessing"], "metrics": meta.get("metrics") or {}}
+
+
+@serve.deployment
+class Classifier:
+    def __init__(self, name: str, tracking_uri: str | None = None, precision: str = "auto",
+                 max_pixels: int | None = 64_000_000, decode_threads: int = 2):
+        import torch
+
+        import ray
+
+        self.name, self.tracking_uri, self.precision, self.max_pixels = name, tracking_uri, precision, max_pixels
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="vitray-decode")
+        self._forward = ThreadPoolExecutor(1, thread_name_prefix="vitray-forward")
+        self._current: LoadedModel | None = None
+        self._reload_lock = asyncio.Lock()
+        self._batching: dict = {}
+        self.batch_sizes: Counter = Counter()
+        try:
+            from ray.serve.metrics import Histogram
+
+            self._batch_metric = Histogram("vitray_serve_batch_size", description="images per model forward",
+                                           boundaries=BATCH_SIZE_BOUNDARIES, tag_keys=("model",))
+            self._batch_metric.set_default_tags({"model": name})
+        except Exception:  # noqa: BLE001 - metrics are optional (no metrics agent in some test setups)
+            self._batch_metric = None
+
+    # ------------------------------------------------------------------------------------------ model versions
+    def _load(self, pin: dict) -> LoadedModel:
+        from vitray.models.export import load_export
+        from vitray.tracking.uris import resolve_model_uri
+
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix=f"vitray-serve-{self.name}-") as tmp:
+            folder = resolve_model_uri(pin["uri"], self.tracking_uri, dest=tmp)
+            model, meta = load_export(folder, device=self.device)
+        if meta["task"] != "classification":
+            raise ValueError(f"model {self.name} ({pin['source']}): a {meta['task']} model, served as classification")
+        predictor = Predictor(model, meta, device=self.device, precision=self.precision, max_pixels=self.max_pixels)
+        size = predictor.input_size
+        predictor.probabilities_of_crops(np.zeros((2, 3, size, size), np.uint8))  # warm-up: first call is slow
+        loaded = LoadedModel(predictor, pin, key=f"{pin['uri']}#{os.getpid()}-{time.time_ns()}")
+        log.info("vitray: model %s loaded %s (version %s) in %.1fs, %s", self.name, pin["uri"], pin["version"],
+                 time.time() - t0, predictor.precision)
+        return loaded
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this at start and whenever ``user_config`` changes (``vitray serve reload``)."""
+        from vitray.tracking.uris import pin_model_uri
+
+        self._batching = {"max_batch_size": int(user_config.get("max_batch_size", 16)),
+                          "batch_wait_timeout_s": float(user_config.get("batch_wait_timeout_s", 0.01))}
+        self.predict_batch.set_max_batch_size(self._batching["max_batch_size"])
+        self.predict_batch.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
+        loop = asyncio.get_running_loop()
+        async with self._reload_lock:
+            pin = user_config.get("model") or {}
+            if not pin.get("version") and pin.get("source"):  # a config file with an alias URI: resolve it here
+                pin = await loop.run_in_executor(None, pin_model_uri, pin["source"], self.tracking_uri)
+            if self._current is not None and self._current.pin["uri"] == pin["uri"] and pin.get("version"):
+                return  # same version: only the batching settings changed
+            self._current = await loop.run_in_executor(None, self._load, pin)  # old version serves meanwhile
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def info(self) -> dict:
+        if self._current is None:
+            return {"name": self.name, "ready": False}
+        return {"name": self.name, "ready": True, **self._current.info, **self._batching}
+
+    async def classify(self, image, top_k: int = 5, with_probs: bool = False, key: str | None = None) -> dict:
+        """``image``: encoded bytes, or a uint8 (3, S, S) crop prepared by the ingress for model ``key``.
+        Returns a JSON-ready dict; bad input comes back as ``{"error", "status"}``, never as an exception."""
+        current = self._current
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            try:
+                crop = await asyncio.get_running_loop().run_in_executor(self._decode, current.predictor.prepare,
+                                                                        bytes(image))
+            except (DecodeError, InputError) as err:
+                return {"error": str(err), "status": error_status(err)}
+            except Exception as err:  # noqa: BLE001 - PIL raises many types on hostile input
+                return {"error": f"cannot decode the image: {str(err)[:200]}", "status": 400}
+        elif key != current.key:
+            return {"stale": True, "key": current.key}  # prepared for another version: the ingress re-prepares
+        else:
+            crop = image
+        probs, batch_size = await self.predict_batch((current, crop))
+        k = min(top_k, len(probs))
+        top = np.argsort(-probs, kind="stable")[:k]
+        out = {"model": self.name, "version": current.pin["version"], "alias": current.pin["alias"],
+               "predictions": [{"label": int(i), "name": current.predictor.label_name(int(i)), "score": float(probs[i])}
+                               for i in top],
+               "batch_size": batch_size}
+        if with_probs:
+            out["probs"] = probs.tolist()
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+        loop = asyncio.get_running_loop()
+        results: list = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for i, (loaded, _) in enumerate(items):  # items prepared for different versions (mid-reload) never mix
+            groups.setdefault(id(loaded), []).append(i)
+        for idx in groups.values():
+            loaded = items[idx[0]][0]
+            crops = np.stack([items[i][1] for i in idx])
+            probs = await loop.run_in_executor(self._forward, loaded.predictor.probabilities_of_crops, crops)
+            for j, i in enumerate(idx):
+                results[i] = (probs[j], len(items))
+        self.batch_sizes[len(items)] += 1
+        if self._batch_metric is not None:
+            self._batch_metric.observe(len(items))
+        return results

@@ -1,0 +1,242 @@
+"""The HTTP API: one FastAPI ingress in front of every model deployment.
+
+Routes: ``POST /v1/classify`` (the encoded image as the body with an image content type, or a multipart form with one
+file; ``model``, ``top_k`` and ``probs`` query parameters), ``GET /v1/models``, ``GET /healthz``, and FastAPI's
+``/docs`` and ``/openapi.json``. Every error is a JSON ``{"error": "..."}`` with a 4xx status (400 bad image or
+parameter, 401 missing or wrong token, 404 unknown model or route, 413 body or pixel count over the limit, 415 not
+an image content type); the ingress never answers a client mistake with a 500 or a traceback.
+
+Adding a task (detection, segmentation) is one more deployment class plus one route here: see ``ROUTES``.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vitray import __version__
+
+__all__ = ["Ingress", "api", "ApiError", "TokenSource", "IMAGE_TYPES"]
+
+log = logging.getLogger("ray.serve")
+ROUTES = {"classification": "/v1/classify"}
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class Prediction(BaseModel):
+    label: int
+    name: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: str | None
+    alias: str | None
+    predictions: list[Prediction]
+    probs: list[float] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415)}
+
+api = FastAPI(title="vitray", version=__version__,
+              description="Vision Transformers served by Ray Serve. Send an encoded image (JPEG, PNG, WebP, ...) as "
+                          "the request body with its image content type, or as a multipart form file.")
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, err: ApiError):
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, err: RequestValidationError):
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {e.get('msg')} (given {e.get('input')!r})" if where else str(e.get("msg")))
+    return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException):
+    message = {404: f"no route {request.method} {request.url.path}; see /docs",
+               405: f"method {request.method} not allowed on {request.url.path}"}.get(err.status_code, str(err.detail))
+    return JSONResponse({"error": message}, status_code=err.status_code, headers=getattr(err, "headers", None))
+
+
+class TokenSource:
+    """The bearer token, from an environment variable or a file (re-read when the file changes, as a mounted
+    Kubernetes Secret does on rotation). No source configured: auth is off."""
+
+    def __init__(self, env: str | None = None, file: str | None = None):
+        self.env, self.file = env, file
+        self._mtime: float | None = None
+        self._token: str | None = None
+        if self.enabled and not self.current():
+            where = f"environment variable {env}" if env else f"file {file}"
+            raise ValueError(f"serve auth: the token {where} is missing or empty")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.env or self.file)
+
+    def current(self) -> str | None:
+        if self.env:
+            return os.environ.get(self.env, "").strip() or None
+        if self.file:
+            try:
+                mtime = os.stat(self.file).st_mtime
+                if mtime != self._mtime:
+                    self._token, self._mtime = Path(self.file).read_text().strip() or None, mtime
+            except OSError:
+                pass  # keep the last token we read: a Secret being swapped is briefly absent
+            return self._token
+        return None
+
+    def check(self, header: str | None) -> None:
+        if not self.enabled:
+            return
+        scheme, _, given = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'",
+                           {"WWW-Authenticate": "Bearer"})
+        token = self.current()
+        if token is None or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(401, "invalid bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+async def read_image_body(request: Request, limit: int) -> bytes:
+    """The image bytes of a request: the raw body (image/* or application/octet-stream) or the one file of a
+    multipart form. Over ``limit`` bytes -> 413 (refused from Content-Length before reading when it is given)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {int(length):,} bytes is over the limit of {limit:,}")
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except Exception as err:  # noqa: BLE001 - malformed multipart bodies raise several types
+            raise ApiError(400, f"malformed multipart body: {str(err)[:200]}") from None
+        files = [v for v in form.values() if hasattr(v, "read")]
+        if len(files) != 1:
+            raise ApiError(400, f"a multipart request needs exactly one file part (the image), got {len(files)}")
+        if files[0].content_type and not files[0].content_type.lower().startswith(IMAGE_TYPES):
+            raise ApiError(415, f"file part content type {files[0].content_type!r} is not an image type")
+        data = await files[0].read()
+    elif ctype.startswith(IMAGE_TYPES):
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body is over the limit of {limit:,} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    else:
+        raise ApiError(415, f"unsupported content type {ctype or '(none)'!r}: send the image bytes with an image "
+                            "content type (image/jpeg, image/png, ...) or as multipart/form-data")
+    if len(data) > limit:
+        raise ApiError(413, f"request body of {len(data):,} bytes is over the limit of {limit:,}")
+    if not data:
+        raise ApiError(400, "empty image: the request carried 0 bytes")
+    return data
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, models: dict, tasks: dict[str, str], settings: dict):
+        self.models = models  # name -> DeploymentHandle
+        self.tasks = tasks
+        self.default = next(iter(models)) if models else None
+        self.limit = int(settings.get("max_body_bytes", 20 * 1024 * 1024))
+        self.max_pixels = settings.get("max_pixels")
+        self.decode_here = settings.get("decode") == "ingress"
+        self.auth = TokenSource(settings.get("auth_token_env"), settings.get("auth_token_file"))
+        self._decode = ThreadPoolExecutor(int(settings.get("decode_threads", 2)), thread_name_prefix="vitray-decode")
+        self._prep: dict[str, dict] = {}  # model -> {"key", "meta"} for decoding here
+
+    def _model(self, name: str | None, task: str) -> str:
+        name = name or self.default
+        if name not in self.models or self.tasks.get(name) != task:
+            served = [n for n, t in self.tasks.items() if t == task]
+            raise ApiError(404, f"no {task} model {name!r}; served: {', '.join(served) or 'none'}")
+        return name
+
+    async def _prepared(self, name: str, data: bytes, refresh: bool = False):
+        from vitray.predict import prepare
+
+        if refresh or name not in self._prep:
+            info = await self.models[name].info.remote()
+            self._prep[name] = {"key": info["key"], "meta": {"preprocessing": info["preprocessing"]}}
+        entry = self._prep[name]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decode, prepare, data, entry["meta"], self.max_pixels), entry["key"]
+
+    @api.post(ROUTES["classification"], response_model=ClassifyResponse, response_model_exclude_none=True,
+              responses=_ERRORS, summary="Classify one image",
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/*": {"schema": {"type": "string", "format": "binary"}},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {
+                      "file": {"type": "string", "format": "binary"}}}}}}})
+    async def classify(self, request: Request,
+                       model: str | None = Query(None, description="served model name (default: the first)"),
+                       top_k: int = Query(5, ge=1, le=10_000, description="how many classes to return"),
+                       probs: bool = Query(False, description="also return every class probability")):
+        self.auth.check(request.headers.get("authorization"))
+        name = self._model(model, "classification")
+        data = await read_image_body(request, self.limit)
+        result = await self._classify(self.models[name], name, data, top_k, probs)
+        if "error" in result:
+            raise ApiError(result["status"], result["error"])
+        batch = result.pop("batch_size", None)
+        return JSONResponse(result, headers={"x-vitray-batch-size": str(batch), "x-vitray-model-version":
+                                             str(result.get("version"))})
+
+    async def _classify(self, handle, name: str, data: bytes, top_k: int, probs: bool) -> dict:
+        if not self.decode_here:
+            return await handle.classify.remote(data, top_k, probs)
+        from vitray.serve.classifier import error_status
+
+        for refresh in (False, True):
+            try:
+                crop, key = await self._prepared(name, data, refresh)
+            except Exception as err:  # noqa: BLE001 - DecodeError, InputError, PIL errors
+                return {"error": str(err)[:300], "status": error_status(err)}
+            result = await handle.classify.remote(crop, top_k, probs, key)
+            if not result.get("stale"):
+                return result
+        return {"error": "the model was reloaded twice during this request; retry", "status": 503}
+
+    @api.get("/v1/models", summary="Served models: name, task, version, alias, classes, input size")
+    async def list_models(self, request: Request):
+        self.auth.check(request.headers.get("authorization"))
+        infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
+        for info in infos:
+            info.pop("key", None)
+            info.pop("preprocessing", None)
+            info["route"] = ROUTES.get(info.get("task") or self.tasks[info["name"]])
+        return {"models": infos}
+
+    @api.get("/healthz", summary="Liveness of the HTTP ingress (no auth)")
+    async def healthz(self):
+        return {"status": "ok", "models": list(self.models)}
