@@ -46,5 +46,32 @@ def test_quickstart_runs_on_embedded_defaults(cli, tmp_path):
     gap = float(res.stdout.split("max |p - p_export| ")[1].split()[0])
     assert gap <= 1e-5
     assert run.data.metrics["step"] == 300  # 25 epochs x 12 optimizer steps
+    # the serving stage: the champion behind Ray Serve answered one real HTTP request
+    assert "POST http://127.0.0.1:" in res.stdout and "from digits-vit v1 @champion" in res.stdout
     offline = float(res.stdout.split("195 val images, top-1 ")[1].split()[0])  # printed with 3 decimals
     assert abs(offline - run.data.metrics["val/top1"]) <= 5e-4
+
+
+def test_serve_usage_errors_exit_2_before_starting_anything(tmp_path, capsys, monkeypatch):
+    """`vitray serve` checks what it can before Ray starts: no models, a model URI that does not resolve, an auth
+    token source that is not there."""
+    from vitray.cli import main
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("serve:\n  models: []\n")
+    monkeypatch.delenv("VITRAY_TEST_TOKEN", raising=False)
+    cases = [
+        ([], "give a CONFIG.yaml"),
+        ([str(cfg)], "serve.models is empty"),
+        (["--model", str(tmp_path / "nowhere")], "no such file or folder"),
+        (["--model", str(tmp_path), "--set", "serve.auth_token_env=VITRAY_TEST_TOKEN"], "VITRAY_TEST_TOKEN"),
+        (["--model", str(tmp_path), "--set", f"serve.auth_token_file={tmp_path / 'token'}"], "missing or empty"),
+        (["reload", "a.yaml", "b.yaml"], "expected one CONFIG.yaml"),
+    ]
+    for args, words in cases:
+        assert main(["serve", *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, (args, err)
+    import ray
+
+    assert not ray.is_initialized()

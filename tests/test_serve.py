@@ -7,7 +7,6 @@ probabilities are exactly the offline ones, whichever version, batch or decode p
 from __future__ import annotations
 
 import concurrent.futures as cf
-import io
 import socket
 import threading
 import time
@@ -61,8 +60,10 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cfg = parse_config({
             "tracking": {"uri": self.tracking_uri},
-            "serve": {"port": self.port, "models": [{"name": "tiny", "uri": "models:/tiny@champion"}],
-                      "max_batch_size": 16, "batch_wait_timeout_s": 0.05, "precision": "fp32",
+            # two models: the routed layout (a router ingress + one deployment per model), decoding in the ingress
+            "serve": {"port": self.port, "models": [{"name": "tiny", "uri": "models:/tiny@champion"},
+                                                    {"name": "first", "uri": "models:/tiny/1"}],
+                      "decode": "ingress", "max_batch_size": 16, "batch_wait_timeout_s": 0.05, "precision": "fp32",
                       "cpus_per_replica": 1, "ingress_cpus": 0.25, "max_body_bytes": 1_000_000,
                       "max_pixels": 4_000_000, "auth_token_file": str(self.token_file)}})
         self.pins, _ = app.deploy(self.cfg)
@@ -114,9 +115,12 @@ def test_served_probabilities_equal_the_registered_pyfunc(served):
                             files={"file": ("x.png", IMAGES[1], "image/png")}, timeout=60)
     assert r.status_code == 200 and np.abs(np.asarray(r.json()["probs"]) - expected[1]).max() <= 1e-5
 
+    r = served.post(IMAGES[2], "image/jpeg", model="first", probs="true")
+    assert r.json()["model"] == "first" and np.abs(np.asarray(r.json()["probs"]) - expected[2]).max() <= 1e-5
     info = served.session.get(f"{served.url}/v1/models", timeout=30).json()["models"]
     assert [(m["name"], m["version"], m["alias"], m["classes"], m["input_size"], m["max_batch_size"])
-            for m in info] == [("tiny", "1", "champion", ["ant", "bee", "cow"], 28, 16)]
+            for m in info] == [("tiny", "1", "champion", ["ant", "bee", "cow"], 28, 16),
+                               ("first", "1", None, ["ant", "bee", "cow"], 28, 16)]
     assert requests.get(f"{served.url}/healthz", timeout=30).json()["status"] == "ok"  # no token needed
     spec = requests.get(f"{served.url}/openapi.json", timeout=30).json()
     assert {"/v1/classify", "/v1/models", "/healthz"} <= set(spec["paths"])
@@ -250,21 +254,21 @@ def test_reload_after_the_alias_moves_switches_versions_with_no_failed_request(s
     stop.set()
     for t in threads:
         t.join(60)
-    assert changes == [("tiny", "1", "2")]
+    assert changes == [("tiny", "1", "2"), ("first", "1", "1")]
     assert not errors and [c for _, c, *_ in log if c != 200] == []
     versions = [v for _, _, v, *_ in log]
     assert "1" in versions and "2" in versions
     assert all(v == "2" for t, _, v, *_ in log if t > switched + 0.2)  # after reload returns, only the new version
     for _, _, v, idx, probs in log:  # every answer is exactly its version's
         assert np.abs(np.asarray(probs) - expected[v][idx]).max() <= 1e-5
-    info = served.session.get(f"{served.url}/v1/models", timeout=30).json()["models"][0]
-    assert (info["version"], info["alias"]) == ("2", "champion")
+    info = served.session.get(f"{served.url}/v1/models", timeout=30).json()["models"]
+    assert [(m["version"], m["alias"]) for m in info] == [("2", "champion"), ("1", None)]
 
 
 def test_rendered_serve_config_deploys_the_same_app(served):
     """The config-file path a RayService takes: `vitray serve config` output, deployed the way `serve run
     config.yaml` does (the controller builds the app from import_path + args and applies the deployment options),
-    here with decoding moved to the ingress."""
+    here for one model, which runs inside the ingress replica (decoded there, in the request path)."""
     import yaml
     from ray.serve._private.api import _get_global_client
     from ray.serve.schema import ServeDeploySchema
@@ -274,13 +278,13 @@ def test_rendered_serve_config_deploys_the_same_app(served):
 
     out = served.token_file.parent / "serve.yaml"
     assert main(["serve", "config", "--model", "models:/tiny@champion", "--pin", "--tracking-uri",
-                 served.tracking_uri, "--port", str(served.port), "--set", "serve.decode=ingress",
-                 "--set", "serve.precision=fp32", "--set", "serve.ingress_cpus=0.25", "-o", str(out)]) == 0
+                 served.tracking_uri, "--port", str(served.port), "--set", "serve.precision=fp32", "-o", str(out)]) == 0
     config = yaml.safe_load(out.read_text())
     application = config["applications"][0]
     assert application["import_path"] == app.IMPORT_PATH
-    assert [d["name"] for d in application["deployments"]] == ["ingress", "classifier-tiny"]
-    assert application["deployments"][1]["user_config"]["model"]["uri"] == "models:/tiny/2"
+    (ingress,) = application["deployments"]
+    assert ingress["name"] == "ingress" and ingress["max_ongoing_requests"] == 32
+    assert ingress["user_config"]["models"]["tiny"]["model"]["uri"] == "models:/tiny/2"
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
     app._wait_running()
     expected = _pyfunc_probs(served.tracking_uri, "models:/tiny/2", IMAGES)

@@ -216,12 +216,15 @@ class ServeConfig(_Section):
     gpus_per_replica: float = Field(0.0, ge=0.0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 where the hardware has it natively (GPU, CPU with AMX/AVX512-BF16), else fp32")
+    colocate: bool = Field(True, description="one model: run it inside the ingress replica (no hop between "
+                                             "replicas per request); several models: one deployment each")
     decode: Literal["replica", "ingress"] = Field(
         "replica", description="where images are decoded and resized: in the model replica's request path (threads, "
-                               "outside the batch) or in the ingress replicas (a separate CPU stage)")
+                               "outside the batch) or in the ingress replicas (a separate CPU stage; several "
+                               "models or colocate=false)")
     decode_threads: int = Field(2, gt=0, description="decode threads per replica")
-    ingress_replicas: int = Field(1, gt=0)
-    ingress_cpus: float = Field(0.5, ge=0.0)
+    ingress_replicas: int = Field(1, gt=0, description="router replicas (several models or colocate=false)")
+    ingress_cpus: float = Field(0.5, ge=0.0, description="CPUs per router replica")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="larger request bodies get 413")
     max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels get 413 (decompression bombs)")
     auth_token_env: str | None = Field(None, min_length=1, description="require 'Authorization: Bearer <token>', the "

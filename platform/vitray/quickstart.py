@@ -60,6 +60,9 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     if cfg.cluster.storage_path is None:
         cfg.cluster.storage_path = str(root / "runs")
     cfg.cluster.run_name = f"{cfg.cluster.run_name or 'quickstart'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from vitray.train.trainer import _local_cpus, init_ray
+
+    started_ray = init_ray(None, _local_cpus(cfg))  # owned here: training leaves it up for the serving stage
     result = run_training(cfg)
     top1 = result.metrics.get("val/top1")
     print(f"    val top-1 {top1:.3f} after {result.metrics.get('step')} optimizer steps ({result.seconds:.0f}s)")
@@ -101,6 +104,21 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
         print(f"    {len(versions)} version(s) of {reg.name}; browse with `vitray models show {reg.name}` or "
               f"`mlflow ui --backend-store-uri {default_tracking_uri(cfg.tracking.uri)}`")
 
+    t = _stage(6, "serve: the registered model behind Ray Serve on 127.0.0.1, one HTTP request")
+    if reg is None or not reg.version:
+        print("    skipped: no registered model")
+    else:
+        url, label, body, precision = _serve_one(cfg, f"models:/{reg.name}@{reg.alias}", str(shards),
+                                                 cfg.data.val_split)
+        top = body["predictions"][0]
+        print(f"    POST {url} with a val image of a {label!r} -> {top['name']!r} (p={top['score']:.3f}) from "
+              f"{body['model']} v{body['version']} @{body['alias']}, {precision} ({time.perf_counter() - t:.1f}s)")
+        print(f"    serve it yourself: vitray serve --model models:/{reg.name}@{reg.alias}")
+    if started_ray:
+        import ray
+
+        ray.shutdown()
+
     print(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
     for what, where in summary:
         print(f"  {what:<18} {where}")
@@ -130,3 +148,41 @@ def _pyfunc_agrees(model_uri: str, export_dir: str, shards: str, split: str) -> 
         correct += int((out["label"].to_numpy() == labels).sum())
         n += len(labels)
     return {"top1": correct / max(n, 1), "max_abs_diff": diff}, n
+
+
+def _serve_one(cfg, model_uri: str, shards: str, split: str) -> tuple[str, str, dict, str]:
+    """Deploy ``model_uri`` with the real Serve application, POST one val image, shut Serve down."""
+    import json
+    import socket
+    import urllib.request
+
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from .config import ServedModel
+    from .data.formats import Manifest
+    from .serve.app import deploy
+
+    with socket.socket() as sock:  # the configured port, or any free one when it is taken
+        try:
+            sock.bind((cfg.serve.host, cfg.serve.port))
+            port = cfg.serve.port
+        except OSError:
+            sock.bind((cfg.serve.host, 0))
+            port = sock.getsockname()[1]
+    cfg.serve.port = port
+    cfg.serve.models = [ServedModel(name=model_uri.split("/")[1].split("@")[0], uri=model_uri)]
+    manifest = Manifest.read(shards)
+    row = pq.read_table(manifest.files(shards, split)[0], columns=["image", "label"]).slice(0, 1).to_pylist()[0]
+    try:
+        deploy(cfg)
+        url = f"http://{cfg.serve.host}:{port}/v1/classify"
+        ctype = "image/png" if row["image"][:4] == b"\x89PNG" else "image/jpeg"
+        req = urllib.request.Request(url + "?top_k=3", data=row["image"], method="POST", headers={"content-type": ctype})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            body = json.loads(resp.read())
+        info = urllib.request.urlopen(f"http://{cfg.serve.host}:{port}/v1/models", timeout=60).read()
+        precision = json.loads(info)["models"][0]["precision"]
+    finally:
+        serve.shutdown()
+    return url, manifest.class_names[row["label"]], body, precision

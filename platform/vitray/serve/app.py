@@ -20,8 +20,8 @@ from pathlib import Path
 from vitray import __version__
 from vitray.config import ConfigError, RunConfig, ServeConfig, ServedModel
 
-__all__ = ["APP_NAME", "IMPORT_PATH", "build_app", "app_args", "serve_config", "pin_models", "check_models", "run",
-           "reload", "model_from_uri", "deployment_name"]
+__all__ = ["APP_NAME", "IMPORT_PATH", "build_app", "app_args", "plan", "serve_config", "pin_models", "check_models",
+           "deploy", "run", "reload", "model_from_uri", "deployment_name", "colocated"]
 
 APP_NAME = "vitray"
 IMPORT_PATH = "vitray.serve.app:build_app"
@@ -75,25 +75,39 @@ def _ongoing(cfg: ServeConfig) -> int:
     return cfg.max_ongoing_requests or 2 * cfg.max_batch_size
 
 
-def classifier_options(cfg: ServeConfig, pin: dict) -> dict:
-    """Serve options of one model deployment; the same dict goes into the rendered config file."""
-    opts = {"max_ongoing_requests": _ongoing(cfg),
-            "ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-            "user_config": {"model": pin, "max_batch_size": cfg.max_batch_size,
-                            "batch_wait_timeout_s": cfg.batch_wait_timeout_s},
-            "graceful_shutdown_timeout_s": 30.0}
+def colocated(cfg: ServeConfig) -> bool:
+    """One model and ``serve.colocate``: the model runs inside the ingress replica (one deployment, no hop)."""
+    return cfg.colocate and len(cfg.models) == 1
+
+
+def _model_user_config(cfg: ServeConfig, pin: dict) -> dict:
+    return {"model": pin, "max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+
+
+def _scaling(cfg: ServeConfig) -> dict:
     if cfg.min_replicas == cfg.max_replicas:
-        opts["num_replicas"] = cfg.max_replicas
-    else:
-        opts["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                      "target_ongoing_requests": cfg.target_ongoing_requests}
-    return opts
+        return {"num_replicas": cfg.max_replicas}
+    return {"autoscaling_config": {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                   "target_ongoing_requests": cfg.target_ongoing_requests}}
 
 
-def ingress_options(cfg: ServeConfig) -> dict:
+def plan(cfg: ServeConfig, pins: dict[str, dict] | None = None) -> list[dict]:
+    """The deployments of the application with their Serve options, ingress first: what :func:`build_app` binds
+    and what :func:`serve_config` writes, from one place."""
+    pins = pins or {}
+    model_resources = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+                       "max_ongoing_requests": _ongoing(cfg), "graceful_shutdown_timeout_s": 30.0, **_scaling(cfg)}
+    if colocated(cfg):
+        m = cfg.models[0]
+        return [{"name": "ingress", **model_resources,
+                 "user_config": {"models": {m.name: _model_user_config(cfg, pins.get(m.name) or _unpinned(m.uri))}}}]
     # every request passes through the ingress: let it hold all the models' in-flight requests
-    return {"num_replicas": cfg.ingress_replicas, "ray_actor_options": {"num_cpus": cfg.ingress_cpus},
-            "max_ongoing_requests": max(256, 4 * _ongoing(cfg) * cfg.max_replicas * max(1, len(cfg.models)))}
+    out = [{"name": "ingress", "num_replicas": cfg.ingress_replicas, "ray_actor_options": {"num_cpus": cfg.ingress_cpus},
+            "max_ongoing_requests": max(256, 4 * _ongoing(cfg) * cfg.max_replicas * len(cfg.models))}]
+    for m in cfg.models:
+        out.append({"name": deployment_name(m.name), **model_resources,
+                    "user_config": _model_user_config(cfg, pins.get(m.name) or _unpinned(m.uri))})
+    return out
 
 
 def app_args(cfg: ServeConfig, tracking_uri: str | None, pins: dict[str, dict] | None = None) -> dict:
@@ -105,6 +119,13 @@ def _stable_version(*parts) -> str:
     ``user_config`` changes. ``serve.run`` draws a random version per call unless one is given, so the version
     is a hash of everything but ``user_config``: a reload is then a reconfigure, as it is for a config file."""
     return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _options(spec: dict, *init) -> dict:
+    opts = {k: v for k, v in spec.items() if k != "name"}
+    return {"name": spec["name"], "version": _stable_version(spec["name"], init,
+                                                           {k: v for k, v in opts.items() if k != "user_config"}),
+            "_internal": True, **opts}
 
 
 def build_app(args: dict):
@@ -123,21 +144,16 @@ def build_app(args: dict):
     if not cfg.models:
         raise ValueError("serve.models is empty: list at least one {name, uri}, or use `vitray serve --model URI`")
     tracking_uri = args.get("tracking_uri")
-    pins = args.get("pins") or {}
-    handles, tasks = {}, {}
-    for m in cfg.models:
-        pin = pins.get(m.name) or _unpinned(m.uri)
-        init = (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads)
-        opts = classifier_options(cfg, pin)
-        version = _stable_version(init, {k: v for k, v in opts.items() if k != "user_config"})
-        handles[m.name] = Classifier.options(name=deployment_name(m.name), version=version, _internal=True,
-                                             **opts).bind(*init)
-        tasks[m.name] = m.task
+    specs = {spec["name"]: spec for spec in plan(cfg, args.get("pins"))}
+    inits = {m.name: (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads) for m in cfg.models}
+    tasks = {m.name: m.task for m in cfg.models}
     settings = {k: getattr(cfg, k) for k in ("max_body_bytes", "max_pixels", "decode", "decode_threads",
                                              "auth_token_env", "auth_token_file")}
-    opts = ingress_options(cfg)
-    version = _stable_version("ingress", sorted(tasks.items()), settings, opts)
-    return Ingress.options(name="ingress", version=version, _internal=True, **opts).bind(handles, tasks, settings)
+    if colocated(cfg):
+        return Ingress.options(**_options(specs["ingress"], tasks, settings, inits)).bind({}, tasks, settings, inits)
+    handles = {name: Classifier.options(**_options(specs[deployment_name(name)], init)).bind(*init)
+               for name, init in inits.items()}
+    return Ingress.options(**_options(specs["ingress"], tasks, settings)).bind(handles, tasks, settings)
 
 
 def serve_config(cfg: RunConfig, tracking_uri: str | None = None, pins: dict[str, dict] | None = None,
@@ -149,14 +165,10 @@ def serve_config(cfg: RunConfig, tracking_uri: str | None = None, pins: dict[str
 
     s = cfg.serve
     tracking_uri = tracking_uri or cfg.tracking.uri or default_tracking_uri()
-    deployments = [{"name": "ingress", **ingress_options(s)}]
-    for m in s.models:
-        deployments.append({"name": deployment_name(m.name), **classifier_options(s, (pins or {}).get(m.name)
-                                                                                   or _unpinned(m.uri))})
     config = {"proxy_location": "EveryNode",
-            "http_options": {"host": host or s.host, "port": s.port},
-            "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-                              "args": app_args(s, tracking_uri, pins), "deployments": deployments}]}
+              "http_options": {"host": host or s.host, "port": s.port},
+              "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
+                                "args": app_args(s, tracking_uri, pins), "deployments": plan(s, pins)}]}
     return json.loads(json.dumps(config))  # plain data, no shared objects (YAML would write anchors for them)
 
 
@@ -203,16 +215,10 @@ def deploy(cfg: RunConfig, tracking_uri: str | None = None, start_http: bool = T
 
 
 def current_versions() -> dict[str, str | None]:
-    """The version each running model deployment serves (asks one replica of each)."""
+    """The version each served model answers with now (asked through the ingress)."""
     from ray import serve
 
-    out = {}
-    app = serve.status().applications.get(APP_NAME)
-    for dep in (app.deployments if app else {}):
-        if dep.startswith("classifier-"):
-            info = serve.get_deployment_handle(dep, app_name=APP_NAME).info.remote().result(timeout_s=60)
-            out[info["name"]] = info.get("version")
-    return out
+    return serve.get_app_handle(APP_NAME).versions.remote().result(timeout_s=60)
 
 
 def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:

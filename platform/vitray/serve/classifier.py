@@ -23,7 +23,7 @@ from ray import serve
 from vitray.data.decode import DecodeError
 from vitray.predict import InputError, Predictor
 
-__all__ = ["Classifier", "LoadedModel", "error_status"]
+__all__ = ["Classifier", "ClassifierModel", "LoadedModel", "error_status"]
 
 log = logging.getLogger("ray.serve")
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -54,8 +54,10 @@ class LoadedModel:
                 "preprocessing": meta["preprocessing"], "metrics": meta.get("metrics") or {}}
 
 
-@serve.deployment
-class Classifier:
+class ClassifierModel:
+    """The model side of serving, usable in any replica: as its own deployment (:class:`Classifier`, behind the
+    router) or inside the ingress replica when only one model is served (no extra hop)."""
+
     def __init__(self, name: str, tracking_uri: str | None = None, precision: str = "auto",
                  max_pixels: int | None = 64_000_000, decode_threads: int = 2):
         import torch
@@ -167,3 +169,8 @@ class Classifier:
         if self._batch_metric is not None:
             self._batch_metric.observe(len(items))
         return results
+
+
+@serve.deployment
+class Classifier(ClassifierModel):
+    """One served classification model as its own deployment (called through a DeploymentHandle)."""

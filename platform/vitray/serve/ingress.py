@@ -161,16 +161,47 @@ async def read_image_body(request: Request, limit: int) -> bytes:
     return data
 
 
+class _Remote:
+    """A model deployment behind a DeploymentHandle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def classify(self, *args):
+        return await self.handle.classify.remote(*args)
+
+    async def info(self) -> dict:
+        return await self.handle.info.remote()
+
+
+class _Local:
+    """A model loaded in this replica (one model served: no hop to another replica)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    async def classify(self, *args):
+        return await self.model.classify(*args)
+
+    async def info(self) -> dict:
+        return self.model.info()
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, models: dict, tasks: dict[str, str], settings: dict):
-        self.models = models  # name -> DeploymentHandle
+    def __init__(self, models: dict, tasks: dict[str, str], settings: dict, local: dict | None = None):
+        """``models``: name -> DeploymentHandle of its deployment; ``local``: name -> ClassifierModel init args
+        for a model that runs in this replica instead (its ``user_config`` then comes through this deployment's)."""
+        from vitray.serve.classifier import ClassifierModel
+
+        self.local = {name: ClassifierModel(*init) for name, init in (local or {}).items()}
+        self.models = {**{n: _Remote(h) for n, h in models.items()}, **{n: _Local(m) for n, m in self.local.items()}}
         self.tasks = tasks
-        self.default = next(iter(models)) if models else None
+        self.default = next(iter(tasks)) if tasks else None
         self.limit = int(settings.get("max_body_bytes", 20 * 1024 * 1024))
         self.max_pixels = settings.get("max_pixels")
-        self.decode_here = settings.get("decode") == "ingress"
+        self.decode_here = settings.get("decode") == "ingress" and not self.local
         self.auth = TokenSource(settings.get("auth_token_env"), settings.get("auth_token_file"))
         self._decode = ThreadPoolExecutor(int(settings.get("decode_threads", 2)), thread_name_prefix="vitray-decode")
         self._prep: dict[str, dict] = {}  # model -> {"key", "meta"} for decoding here
@@ -186,7 +217,7 @@ class Ingress:
         from vitray.predict import prepare
 
         if refresh or name not in self._prep:
-            info = await self.models[name].info.remote()
+            info = await self.models[name].info()
             self._prep[name] = {"key": info["key"], "meta": {"preprocessing": info["preprocessing"]}}
         entry = self._prep[name]
         loop = asyncio.get_running_loop()
@@ -212,9 +243,19 @@ class Ingress:
         return JSONResponse(result, headers={"x-vitray-batch-size": str(batch), "x-vitray-model-version":
                                              str(result.get("version"))})
 
-    async def _classify(self, handle, name: str, data: bytes, top_k: int, probs: bool) -> dict:
+    async def reconfigure(self, user_config: dict) -> None:
+        """Models running in this replica: ``{"models": {name: that model's user_config}}``."""
+        for name, cfg in (user_config.get("models") or {}).items():
+            await self.local[name].reconfigure(cfg)
+
+    async def versions(self) -> dict:
+        """name -> the version this replica's path serves (``vitray serve reload`` waits on it)."""
+        infos = await asyncio.gather(*(m.info() for m in self.models.values()))
+        return {i["name"]: i.get("version") for i in infos}
+
+    async def _classify(self, model, name: str, data: bytes, top_k: int, probs: bool) -> dict:
         if not self.decode_here:
-            return await handle.classify.remote(data, top_k, probs)
+            return await model.classify(data, top_k, probs)
         from vitray.serve.classifier import error_status
 
         for refresh in (False, True):
@@ -222,7 +263,7 @@ class Ingress:
                 crop, key = await self._prepared(name, data, refresh)
             except Exception as err:  # noqa: BLE001 - DecodeError, InputError, PIL errors
                 return {"error": str(err)[:300], "status": error_status(err)}
-            result = await handle.classify.remote(crop, top_k, probs, key)
+            result = await model.classify(crop, top_k, probs, key)
             if not result.get("stale"):
                 return result
         return {"error": "the model was reloaded twice during this request; retry", "status": 503}
@@ -230,7 +271,7 @@ class Ingress:
     @api.get("/v1/models", summary="Served models: name, task, version, alias, classes, input size")
     async def list_models(self, request: Request):
         self.auth.check(request.headers.get("authorization"))
-        infos = await asyncio.gather(*(h.info.remote() for h in self.models.values()))
+        infos = await asyncio.gather(*(m.info() for m in self.models.values()))
         for info in infos:
             info.pop("key", None)
             info.pop("preprocessing", None)
