@@ -39,13 +39,20 @@ def test_quickstart_runs_on_embedded_defaults(cli, tmp_path):
 
     client = client_for(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("vitray-quickstart")
-    (run,) = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id])
+    (run,) = [r for r in runs if r.data.tags.get("vitray.source") != "vitray score"]
+    (scoring,) = [r for r in runs if r.data.tags.get("vitray.source") == "vitray score"]
+    assert scoring.data.metrics["score/rows"] == 1797 and scoring.data.tags["vitray.model_version"] == "1"
     assert run.info.status == "FINISHED" and run.data.metrics["val/top1"] >= 0.9
     assert {"train/loss", "train/lr", "train/images_per_s", "val/loss", "val/top5", "epoch", "step"} <= set(run.data.metrics)
     assert str(client.get_model_version_by_alias("digits-vit", "champion").version) == "1"
     gap = float(res.stdout.split("max |p - p_export| ")[1].split()[0])
     assert gap <= 1e-5
     assert run.data.metrics["step"] == 300  # 25 epochs x 12 optimizer steps
+    # the scoring stage: every packed image scored once into Parquet
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "quickstart" / "predictions").num_rows == 1797
     # the serving stage: the champion behind Ray Serve answered one real HTTP request
     assert "POST http://127.0.0.1:" in res.stdout and "from digits-vit v1 @champion" in res.stdout
     offline = float(res.stdout.split("195 val images, top-1 ")[1].split()[0])  # printed with 3 decimals

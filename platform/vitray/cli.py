@@ -285,6 +285,32 @@ def cmd_serve(args) -> int:
     return app.run(cfg, address=args.address)
 
 
+def cmd_score(args) -> int:
+    from vitray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sc = cfg.score
+    for key in ("model", "input", "output", "batch_size", "concurrency", "precision", "top_k", "format",
+                "image_column", "files_per_unit", "cpus_per_actor"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(sc, key, value)
+    if args.use_gpu:
+        sc.use_gpu = True
+    if args.tracking_uri:
+        cfg.tracking.uri = args.tracking_uri
+    missing = [f"--{k}" for k in ("model", "input", "output") if not getattr(sc, k)]
+    if missing:
+        raise UsageError(f"score: {', '.join(missing)} required (or score.{missing[0][2:]} in the config)")
+    from vitray.batch import score
+
+    score(sc.model, sc.input, sc.output, batch_size=sc.batch_size, concurrency=sc.concurrency, use_gpu=sc.use_gpu,
+          precision=sc.precision, top_k=sc.top_k, fmt=sc.format, image_column=sc.image_column,
+          files_per_unit=sc.files_per_unit, cpus_per_actor=sc.cpus_per_actor, max_pixels=sc.max_pixels,
+          tracking_cfg=cfg.tracking, overwrite=args.overwrite, address=args.address or cfg.cluster.address)
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     from vitray.quickstart import run_quickstart
 
@@ -342,6 +368,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set serve.max_batch_size=32")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("score", help="batch-score images with a model on Ray Data into Parquet (exactly once; "
+                                     "a rerun finishes an interrupted job)")
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="?", help="optional config (its score section)")
+    p.add_argument("--model", default=None, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... "
+                                                                 "or an export folder")
+    p.add_argument("--input", default=None, metavar="PATH", help="packed shards, Parquet, WebDataset tars or an image "
+                                                                  "folder")
+    p.add_argument("--output", default=None, metavar="DIR", help="output folder (rerun into it to finish a job)")
+    p.add_argument("--format", default=None, choices=["auto", "shards", "parquet", "webdataset", "images"])
+    p.add_argument("--image-column", dest="image_column", default=None, help="Parquet input: the image column")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="images per forward (default 64)")
+    p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default 1)")
+    p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, default=None)
+    p.add_argument("--files-per-unit", dest="files_per_unit", type=int, default=None,
+                   help="image folders: files per output part (default 1024)")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", help="one GPU per predictor actor")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    p.add_argument("--top-k", dest="top_k", type=int, default=None, help="classes kept per image (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="discard what the output folder holds and start again")
+    p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: a local Ray)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow (default: tracking.uri, "
+                   "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_score)
 
     data = sub.add_parser("data", help="pack image sources into shards; inspect and verify them").add_subparsers(
         dest="data_command", metavar="ACTION")

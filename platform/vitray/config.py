@@ -248,14 +248,22 @@ class ServeConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- score
 class ScoreConfig(_Section):
-    model: str | None = None
-    input: str | None = None
-    output: str | None = None
+    """``vitray score``: a model over a set of images into Parquet predictions (the CLI flags override these)."""
+
+    model: str | None = Field(None, description="model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/, a folder)")
+    input: str | None = Field(None, description="packed shards, Parquet, WebDataset tars or an image folder")
+    output: str | None = Field(None, description="output folder (part-<unit>.parquet + _job.json + _summary.json)")
+    format: Literal["auto", "shards", "parquet", "webdataset", "images"] = "auto"
+    image_column: str | None = Field(None, description="Parquet input: the encoded image column (default: image, "
+                                                        "else the first binary column)")
     batch_size: int = Field(64, gt=0)
-    concurrency: int = Field(1, gt=0)
-    use_gpu: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    concurrency: int = Field(1, gt=0, description="predictor actors (each loads the model once)")
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    use_gpu: bool = Field(False, description="one GPU per predictor actor")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     top_k: int = Field(5, gt=0)
+    files_per_unit: int = Field(1024, gt=0, description="image folders: files per output part")
+    max_pixels: int = Field(64_000_000, gt=0, description="larger images become error rows (decompression bombs)")
 
 
 # ------------------------------------------------------------------------------------------------ run

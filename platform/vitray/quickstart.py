@@ -104,7 +104,19 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
         print(f"    {len(versions)} version(s) of {reg.name}; browse with `vitray models show {reg.name}` or "
               f"`mlflow ui --backend-store-uri {default_tracking_uri(cfg.tracking.uri)}`")
 
-    t = _stage(6, "serve: the registered model behind Ray Serve on 127.0.0.1, one HTTP request")
+    t = _stage(6, "score: every packed image through the registered model with Ray Data, into Parquet")
+    if reg is None or not reg.version:
+        print("    skipped: no registered model")
+    else:
+        from .batch import score
+
+        scored = score(f"models:/{reg.name}@{reg.alias}", str(shards), str(root / "predictions"),
+                       batch_size=256, tracking_cfg=cfg.tracking, overwrite=True)
+        print(f"    {scored.rows:,} rows ({scored.error_rows} errors) -> {scored.output} at {scored.images_per_s:.0f} img/s "
+              f"({time.perf_counter() - t:.1f}s; MLflow run {scored.mlflow_run_id})")
+        summary.append(("predictions", scored.output))
+
+    t = _stage(7, "serve: the registered model behind Ray Serve on 127.0.0.1, one HTTP request")
     if reg is None or not reg.version:
         print("    skipped: no registered model")
     else:

@@ -1,0 +1,346 @@
+"""Batch scoring with Ray Data: any number of images through one model version, each input unit written once.
+
+The pipeline streams: read a unit (shard, Parquet file, tar, a run of image files) -> decode + resize on CPU tasks
+-> predict in an actor pool (``map_batches`` with a callable class: the model loads once per actor; GPUs when
+``use_gpu``) -> the driver gathers each unit's rows and writes ``part-<unit>.parquet`` through a temporary file
+and an atomic rename once the unit is complete. A rerun into the same output skips the units already written, so an
+interrupted job ends, after a rerun, with exactly one row per input id. Rows whose image cannot be read or decoded
+are kept, with the reason in ``error`` and no prediction.
+
+The output folder also holds ``_job.json`` (the input's units and fingerprint, and the model version pinned at the
+first run: a rerun finishes with the same version even if the alias moved) and ``_summary.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .inputs import InputError, ScoreInput, Unit, discover, read_unit
+
+__all__ = ["score", "ScoreSummary", "output_schema", "JOB_FILE", "SUMMARY_FILE"]
+
+JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
+
+
+def output_schema(top_k: int):
+    import pyarrow as pa
+
+    return pa.schema([("id", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("name", pa.string()),
+                      ("score", pa.float32()), ("top_k_labels", pa.list_(pa.int32())),
+                      ("top_k_names", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float32())),
+                      ("model_uri", pa.string()), ("model_version", pa.string()), ("error", pa.string())])
+
+
+@dataclass
+class ScoreSummary:
+    output: str
+    rows: int                # rows in the output (all units, this run and earlier ones)
+    error_rows: int
+    units: int
+    units_skipped: int       # already complete from an earlier run
+    rows_this_run: int
+    seconds: float
+    images_per_s: float      # rows_this_run / seconds of this run's pipeline
+    model_uri: str
+    model_version: str | None
+    precision: str
+    input_format: str
+    input_fingerprint: str
+    mlflow_run_id: str | None = None
+
+    def line(self) -> str:
+        return (f"[vitray] scored {self.rows_this_run:,} images in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s, "
+                f"{self.precision}); output {self.rows:,} rows, {self.error_rows:,} error rows, {self.units} units "
+                f"({self.units_skipped} already done) with {self.model_uri} version {self.model_version} -> "
+                f"{self.output}")
+
+
+# ---------------------------------------------------------------------------------------------- pipeline stages
+def _read_units(batch: dict):
+    """Ray Data stage: unit descriptors in (one per row), that unit's rows out, with their order inside the unit."""
+    for raw in batch["unit"]:
+        unit = Unit(**json.loads(raw))
+        seq = 0
+        for b in read_unit(unit):
+            n = len(b["id"])
+            yield {"unit": np.array([unit.key] * n, dtype=object), "seq": np.arange(seq, seq + n, dtype=np.int64),
+                   "id": np.array(b["id"], dtype=object), "source": np.array(b["source"], dtype=object),
+                   "image": np.array(b["image"], dtype=object),
+                   # "" = no error: a column of only None would come out typed null and clash with later blocks
+                   "read_error": np.array([e or "" for e in b["read_error"]], dtype=object)}
+            seq += n
+
+
+def _prepare(batch: dict, preprocessing: dict, max_pixels: int) -> dict:
+    """Ray Data stage (CPU tasks): decode + resize + crop; a bad image becomes an error row with a zero crop."""
+    from vitray.predict import prepare
+
+    meta = {"preprocessing": preprocessing}
+    size = int(preprocessing["img_size"])
+    n = len(batch["id"])
+    crops = np.zeros((n, 3, size, size), dtype=np.uint8)
+    errors = [str(e) for e in batch["read_error"]]
+    for i in range(n):
+        if errors[i]:
+            continue
+        try:
+            crops[i] = prepare(batch["image"][i], meta, max_pixels)
+        except Exception as err:  # noqa: BLE001 - DecodeError and whatever PIL raises on hostile bytes
+            errors[i] = str(err)[:300] or type(err).__name__
+    return {"unit": batch["unit"], "seq": batch["seq"], "id": batch["id"], "source": batch["source"], "crop": crops,
+            "error": np.array(errors, dtype=object)}
+
+
+class Scorer:
+    """Ray Data actor: loads the pinned model once, then scores crops batch by batch."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, precision: str, top_k: int, use_gpu: bool):
+        import tempfile
+
+        import torch
+
+        import ray
+        from vitray.models.export import load_export
+        from vitray.predict import Predictor
+        from vitray.tracking.uris import resolve_model_uri
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self._tmp = tempfile.TemporaryDirectory(prefix="vitray-score-")
+        model, meta = load_export(resolve_model_uri(model_uri, tracking_uri, dest=self._tmp.name), device=device)
+        self.predictor = Predictor(model, meta, device=device, precision=precision)
+        self.top_k = min(top_k, len(self.predictor.class_names) or top_k)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["id"])
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        top_labels = np.full((n, self.top_k), -1, dtype=np.int32)
+        top_probs = np.full((n, self.top_k), np.nan, dtype=np.float32)
+        if ok.any():
+            probs = self.predictor.probabilities_of_crops(batch["crop"][ok])
+            order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
+            top_labels[ok] = order
+            top_probs[ok] = np.take_along_axis(probs, order, axis=1)
+        return {"unit": batch["unit"], "seq": batch["seq"], "id": batch["id"], "source": batch["source"],
+                "error": batch["error"], "top_k_labels": top_labels, "top_k_probs": top_probs}
+
+
+# ------------------------------------------------------------------------------------------------ the job
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool) -> dict:
+    """The job record of this output folder: created on the first run, checked on every rerun."""
+    path = out / JOB_FILE
+    if path.is_file() and not overwrite:
+        job = json.loads(path.read_text())
+        if job["input"]["fingerprint"] != inp.fingerprint:
+            raise InputError(f"output {out} holds the scoring of another input ({job['input']['root']}, "
+                             f"{job['input']['rows']:,} rows); use a new output folder or --overwrite")
+        if job["model"]["uri"] != pin["uri"]:
+            print(f"[vitray] {pin['source']} now points at {pin['uri']}; this output was started with "
+                  f"{job['model']['uri']}, which finishes it (--overwrite to rescore with the new one)", flush=True)
+        return job
+    if overwrite:
+        for f in out.glob("part-*.parquet"):
+            f.unlink()
+    job = {"input": inp.to_json(), "model": pin, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_json(path, job)
+    return job
+
+
+def _write_unit(out: Path, key: str, parts: list[dict], class_names: list[str], model: dict, schema) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(cols["seq"], kind="stable")
+    cols = {k: v[order] for k, v in cols.items()}
+    errors = [str(e) if e else None for e in cols["error"]]
+    good = [e is None for e in errors]
+
+    def name(i: int) -> str:
+        return class_names[i] if 0 <= i < len(class_names) else str(i)
+
+    labels = cols["top_k_labels"]
+    probs = cols["top_k_probs"]
+    table = pa.table({
+        "id": pa.array([str(x) for x in cols["id"]], pa.string()),
+        "source": pa.array([str(x) for x in cols["source"]], pa.string()),
+        "label": pa.array([int(r[0]) if g else None for r, g in zip(labels, good)], pa.int32()),
+        "name": pa.array([name(int(r[0])) if g else None for r, g in zip(labels, good)], pa.string()),
+        "score": pa.array([float(r[0]) if g else None for r, g in zip(probs, good)], pa.float32()),
+        "top_k_labels": pa.array([r.tolist() if g else None for r, g in zip(labels, good)], pa.list_(pa.int32())),
+        "top_k_names": pa.array([[name(int(i)) for i in r] if g else None for r, g in zip(labels, good)],
+                                pa.list_(pa.string())),
+        "top_k_probs": pa.array([r.tolist() if g else None for r, g in zip(probs, good)], pa.list_(pa.float32())),
+        "model_uri": pa.array([model["uri"]] * len(errors), pa.string()),
+        "model_version": pa.array([model.get("version")] * len(errors), pa.string()),
+        "error": pa.array(errors, pa.string()),
+    }, schema=schema)
+    final = out / f"part-{key}.parquet"
+    tmp = out / f".part-{key}.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)  # a reader (or a rerun) never sees half a unit
+    return table.num_rows
+
+
+def _count_output(out: Path) -> tuple[int, int]:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rows = errors = 0
+    for f in sorted(out.glob("part-*.parquet")):
+        t = pq.read_table(f, columns=["error"])
+        rows += t.num_rows
+        errors += t.num_rows - int(pc.sum(pc.is_null(t.column("error"))).as_py() or 0)
+    return rows, errors
+
+
+def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64, concurrency: int = 1,
+          use_gpu: bool = False, precision: str = "auto", top_k: int = 5, fmt: str = "auto",
+          image_column: str | None = None, files_per_unit: int = 1024, cpus_per_actor: float = 1.0,
+          max_pixels: int = 64_000_000, tracking_cfg=None, overwrite: bool = False,
+          address: str | None = None) -> ScoreSummary:
+    """Score ``input_path`` with ``model_uri`` into ``output`` (see the module docstring). Input and model problems
+    raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts."""
+    import tempfile
+
+    from vitray.config import TrackingConfig
+    from vitray.models.export import read_export_meta
+    from vitray.predict import resolve_precision
+    from vitray.tracking.uris import default_tracking_uri, pin_model_uri, resolve_model_uri
+
+    tracking_cfg = tracking_cfg or TrackingConfig()
+    tracking_uri = default_tracking_uri(tracking_cfg.uri)
+    inp = discover(input_path, fmt, image_column=image_column, files_per_unit=files_per_unit)
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {output}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite)
+    pin = job["model"]
+    with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
+        meta = read_export_meta(resolve_model_uri(pin["uri"], tracking_uri, dest=tmp))
+    if meta["task"] != "classification":
+        raise InputError(f"model {model_uri}: a {meta['task']} model; vitray score handles classification for now")
+    device_precision = resolve_precision(precision, "cuda" if use_gpu else "cpu")
+    for stale in out.glob(".part-*.tmp"):
+        stale.unlink()  # a unit being written when an earlier run died
+    done = {f.name[len("part-"):-len(".parquet")] for f in out.glob("part-*.parquet")}
+    pending = [u for u in inp.units if u.key not in done]
+    print(f"[vitray] scoring {inp.rows:,} images in {len(inp.units)} units from {inp.root} ({inp.format}); "
+          f"{len(inp.units) - len(pending)} units already done; model {pin['uri']} ({device_precision})", flush=True)
+
+    t0 = time.time()
+    rows_now = 0
+    if pending:
+        rows_now = _run_pipeline(pending, pin, meta, tracking_uri, out, batch_size=batch_size, concurrency=concurrency,
+                                 use_gpu=use_gpu, precision=device_precision, top_k=top_k,
+                                 cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, address=address)
+    seconds = time.time() - t0
+    rows, errors = _count_output(out)
+    summary = ScoreSummary(str(out), rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
+                           round(seconds, 2), round(rows_now / seconds, 2) if rows_now and seconds > 0 else 0.0,
+                           pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint)
+    if rows != inp.rows:
+        raise RuntimeError(f"output {out} has {rows:,} rows for {inp.rows:,} inputs: rerun to finish the missing units")
+    summary.mlflow_run_id = _track(summary, tracking_cfg, tracking_uri, batch_size, concurrency, top_k)
+    _write_json(out / SUMMARY_FILE, asdict(summary))
+    print(summary.line(), flush=True)
+    return summary
+
+
+def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str, out: Path, *, batch_size: int,
+                  concurrency: int, use_gpu: bool, precision: str, top_k: int, cpus_per_actor: float,
+                  max_pixels: int, address: str | None) -> int:
+    import ray
+    import ray.data
+
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:  # a local Ray: the actor's threads and the decode tasks share the cores, as in training
+            cores = os.cpu_count() or 1
+            ray.init(num_cpus=cores + max(2, int(cpus_per_actor * concurrency)), include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+            started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = False
+        ds = ray.data.from_items([{"unit": json.dumps(asdict(u))} for u in pending], override_num_blocks=len(pending))
+        # read + decode run as CPU tasks (fused with each other); their remote args differ from the predictor's
+        # (max_retries), so Ray Data does not fuse them into the actors, where decoding would serialise with the
+        # forward instead of overlapping it
+        ds = ds.map_batches(_read_units, batch_size=1, max_retries=3)
+        ds = ds.map_batches(_prepare, batch_size=batch_size, max_retries=3,
+                            fn_kwargs={"preprocessing": meta["preprocessing"], "max_pixels": max_pixels})
+        ds = ds.map_batches(Scorer, batch_size=batch_size, concurrency=concurrency,
+                            num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
+                            fn_constructor_kwargs={"model_uri": pin["uri"], "tracking_uri": tracking_uri,
+                                                   "precision": precision, "top_k": top_k, "use_gpu": use_gpu})
+        schema = output_schema(top_k)
+        expected = {u.key: u.rows for u in pending}
+        parts: dict[str, list[dict]] = {}
+        counts: dict[str, int] = {}
+        written = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            for key in np.unique(batch["unit"]):
+                sel = batch["unit"] == key
+                parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})
+                counts[key] = counts.get(key, 0) + int(sel.sum())
+                if counts[key] >= expected[key]:  # complete: write it now, free the memory
+                    written += _write_unit(out, key, parts.pop(key), meta["class_names"], pin, schema)
+        for key, chunks in parts.items():  # the stream has ended: what is left is complete too
+            written += _write_unit(out, key, chunks, meta["class_names"], pin, schema)
+        return written
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: int, concurrency: int,
+           top_k: int) -> str | None:
+    """An MLflow run recording which model version scored which data; a tracking failure is a warning."""
+    if not tracking_cfg.enabled:
+        return None
+    try:
+        from mlflow.entities import Metric, Param, RunTag
+
+        from vitray.tracking.runs import check_reachable, ensure_experiment
+        from vitray.tracking.uris import client_for
+
+        check_reachable(tracking_uri, tracking_cfg.connect_timeout_s)
+        client = client_for(tracking_uri)
+        exp = ensure_experiment(client, tracking_cfg.experiment, tracking_uri)
+        run = client.create_run(exp, run_name=f"score-{Path(summary.output).name}", tags={
+            "vitray.source": "vitray score", "vitray.model_uri": summary.model_uri,
+            "vitray.model_version": str(summary.model_version), "vitray.input_fingerprint": summary.input_fingerprint,
+            "vitray.output": summary.output})
+        now = int(time.time() * 1000)
+        params = {"model_uri": summary.model_uri, "model_version": summary.model_version, "precision": summary.precision,
+                  "input_format": summary.input_format, "batch_size": batch_size, "concurrency": concurrency,
+                  "top_k": top_k}
+        metrics = {"score/rows": summary.rows, "score/error_rows": summary.error_rows,
+                   "score/rows_this_run": summary.rows_this_run, "score/images_per_s": summary.images_per_s,
+                   "score/seconds": summary.seconds}
+        client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                         params=[Param(k, str(v)) for k, v in params.items()],
+                         tags=[RunTag("vitray.units", str(summary.units))])
+        client.log_dict(run.info.run_id, asdict(summary), "score_summary.json")
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return run.info.run_id
+    except Exception as err:  # noqa: BLE001 - the predictions are on disk either way
+        print(f"[vitray] warning: scoring not recorded in MLflow at {tracking_uri}: {str(err).splitlines()[0][:200]}",
+              flush=True)
+        return None
