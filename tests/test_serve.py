@@ -208,13 +208,18 @@ def test_bearer_token_from_a_file_missing_or_wrong_is_401(served):
     assert served.post(IMAGES[0], "image/jpeg").status_code == 200
     # a rotated Secret: the file changes, the new token works and the old one stops working
     time.sleep(0.01)
-    served.token_file.write_text("rotated-token")
-    rotated = requests.Session()
-    rotated.headers["authorization"] = "Bearer rotated-token"
-    assert served.post(IMAGES[0], "image/jpeg", session=rotated).status_code == 200
-    assert served.post(IMAGES[0], "image/jpeg").status_code == 401
-    served.token_file.write_text(TOKEN)
+    try:
+        served.token_file.write_text("rotated-token")
+        rotated = requests.Session()
+        rotated.headers["authorization"] = "Bearer rotated-token"
+        assert served.post(IMAGES[0], "image/jpeg", session=rotated).status_code == 200
+        assert served.post(IMAGES[0], "image/jpeg").status_code == 401
+    finally:
+        served.token_file.write_text(TOKEN)
     assert served.post(IMAGES[0], "image/jpeg").status_code == 200
+    # multipart without Content-Length (chunked): refused before the form parser spools it
+    r = served.post(iter([b"--x\r\n"]), "multipart/form-data; boundary=x")
+    assert r.status_code == 411 and "Content-Length" in r.json()["error"]
 
 
 def test_reload_after_the_alias_moves_switches_versions_with_no_failed_request(served):
@@ -275,7 +280,9 @@ def test_rendered_serve_config_deploys_the_same_app(served):
 
     from vitray.cli import main
     from vitray.serve import app
+    from vitray.tracking.uris import client_for
 
+    champion = str(client_for(served.tracking_uri).get_model_version_by_alias("tiny", "champion").version)
     out = served.token_file.parent / "serve.yaml"
     assert main(["serve", "config", "--model", "models:/tiny@champion", "--pin", "--tracking-uri",
                  served.tracking_uri, "--port", str(served.port), "--set", "serve.precision=fp32", "-o", str(out)]) == 0
@@ -284,14 +291,15 @@ def test_rendered_serve_config_deploys_the_same_app(served):
     assert application["import_path"] == app.IMPORT_PATH
     (ingress,) = application["deployments"]
     assert ingress["name"] == "ingress" and ingress["max_ongoing_requests"] == 32
-    assert ingress["user_config"]["models"]["tiny"]["model"]["uri"] == "models:/tiny/2"
+    assert ingress["user_config"]["models"]["tiny"]["model"]["uri"] == f"models:/tiny/{champion}"
+    assert application["args"]["pins"] == {}  # pins only in user_config: re-rendering is a reconfigure
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
     app._wait_running()
-    expected = _pyfunc_probs(served.tracking_uri, "models:/tiny/2", IMAGES)
+    expected = _pyfunc_probs(served.tracking_uri, f"models:/tiny/{champion}", IMAGES)
     for i, img in enumerate(IMAGES):
         r = requests.post(f"{served.url}/v1/classify", data=img, params={"probs": "true"}, timeout=60,
                           headers={"content-type": "image/jpeg"})  # no auth in this config
         assert r.status_code == 200, r.text
-        assert r.json()["version"] == "2" and np.abs(np.asarray(r.json()["probs"]) - expected[i]).max() <= 1e-5
+        assert r.json()["version"] == champion and np.abs(np.asarray(r.json()["probs"]) - expected[i]).max() <= 1e-5
     r = requests.post(f"{served.url}/v1/classify", data=b"garbage", headers={"content-type": "image/png"}, timeout=60)
     assert r.status_code == 400 and "not an image" in r.json()["error"]

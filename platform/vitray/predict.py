@@ -36,7 +36,7 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
         return precision
     dev = torch.device(device)
     if dev.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"  # Ampere or newer
     return "bf16" if dev.type == "cpu" and _cpu_has_native_bf16() else "fp32"
 
 

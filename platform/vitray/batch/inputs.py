@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class Unit:
     files: list[str] = field(default_factory=list)  # images: the unit's files, relative to path
     image_column: str = "image"
     id_column: str | None = "id"
+    digest: str = ""    # what the content is: the shard's sha256 from the manifest, else size + mtime of the files
 
 
 @dataclass
@@ -55,8 +57,10 @@ class ScoreInput:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the unit list (keys, files, row counts; for shards, the manifest's shard hashes)."""
-        data = json.dumps([[u.key, u.kind, Path(u.path).name, u.rows, u.files] for u in self.units], sort_keys=True)
+        """sha256 of the unit list: keys, files, row counts and each unit's content digest (the manifest's shard
+        hashes for packed shards; sizes and modification times otherwise), so a rebuilt input is a new input."""
+        data = json.dumps([[u.key, u.kind, Path(u.path).name, u.rows, u.files, u.digest] for u in self.units],
+                          sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()
 
     def to_json(self) -> dict:
@@ -80,6 +84,14 @@ def _detect(path: Path) -> str:
     raise InputError(f"input {path}: not a folder, a .parquet or a .tar file")
 
 
+def _stat_digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
 def _safe_key(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
@@ -100,7 +112,8 @@ def _parquet_unit(f: Path, image_column: str | None) -> Unit:
         raise InputError(f"input {f}: no image column (binary columns: {', '.join(binary) or 'none'}); "
                          "name it with --image-column")
     id_col = "id" if "id" in schema.names else None
-    return Unit(_safe_key(f.stem), "parquet", str(f), pf.metadata.num_rows, image_column=col, id_column=id_col)
+    return Unit(_safe_key(f.stem), "parquet", str(f), pf.metadata.num_rows, image_column=col, id_column=id_col,
+                digest=_stat_digest([f]))
 
 
 def _tar_samples(path: Path, read: bool = False):
@@ -136,7 +149,8 @@ def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, f
             m = Manifest.read(root)
         except ManifestError as err:
             raise InputError(str(err)) from None
-        units = [Unit(_safe_key(Path(s.file).stem), "parquet", str(root / s.file), s.rows) for s in m.shards if s.rows]
+        units = [Unit(_safe_key(Path(s.file).stem), "parquet", str(root / s.file), s.rows, digest=s.sha256)
+                 for s in m.shards if s.rows]
     elif fmt == "parquet":
         files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
         units = [_parquet_unit(f, image_column) for f in files]
@@ -147,7 +161,7 @@ def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, f
                 n = sum(1 for _ in _tar_samples(t))
             except (tarfile.TarError, OSError, EOFError) as err:
                 raise InputError(f"input {t}: unreadable tar ({err})") from None
-            units.append(Unit(_safe_key(t.stem), "webdataset", str(t), n))
+            units.append(Unit(_safe_key(t.stem), "webdataset", str(t), n, digest=_stat_digest([t])))
     elif fmt == "images":
         if not root.is_dir():
             raise InputError(f"input {path}: --format images expects a folder")
@@ -155,7 +169,8 @@ def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, f
                        if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
         for i in range(0, len(files), files_per_unit):
             chunk = files[i:i + files_per_unit]
-            units.append(Unit(f"images-{i // files_per_unit:06d}", "images", str(root), len(chunk), files=chunk))
+            units.append(Unit(f"images-{i // files_per_unit:06d}", "images", str(root), len(chunk), files=chunk,
+                              digest=_stat_digest(root / f for f in chunk)))
     else:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     units = [u for u in units if u.rows > 0]

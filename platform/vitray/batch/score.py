@@ -112,9 +112,9 @@ class Scorer:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self._tmp = tempfile.TemporaryDirectory(prefix="vitray-score-")
-        model, meta = load_export(resolve_model_uri(model_uri, tracking_uri, dest=self._tmp.name), device=device)
-        self.predictor = Predictor(model, meta, device=device, precision=precision)
+        with tempfile.TemporaryDirectory(prefix="vitray-score-") as tmp:  # weights are in memory once loaded
+            model, meta = load_export(resolve_model_uri(model_uri, tracking_uri, dest=tmp), device=device)
+        self.predictor = Predictor(model, meta, device=device, precision=precision)  # auto: resolved on this device
         self.top_k = min(top_k, len(self.predictor.class_names) or top_k)
 
     def __call__(self, batch: dict) -> dict:
@@ -158,13 +158,30 @@ def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool) -> dict:
     return job
 
 
-def _write_unit(out: Path, key: str, parts: list[dict], class_names: list[str], model: dict, schema) -> int:
+def _export_digest(folder: Path) -> str:
+    """sha256 over an export folder's files: a local folder or runs:/ URI can change where a version cannot."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_unit(out: Path, key: str, parts: list[dict], expected: int, class_names: list[str], model: dict,
+                schema) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.argsort(cols["seq"], kind="stable")
     cols = {k: v[order] for k, v in cols.items()}
+    if not np.array_equal(cols["seq"], np.arange(expected)):  # never write a partial or doubled unit as done
+        raise RuntimeError(f"unit {key}: read {len(cols['seq'])} rows, listed {expected}: the input changed while it "
+                           "was being scored; check it and rerun (complete units are kept)")
     errors = [str(e) if e else None for e in cols["error"]]
     good = [e is None for e in errors]
 
@@ -189,7 +206,10 @@ def _write_unit(out: Path, key: str, parts: list[dict], class_names: list[str], 
     }, schema=schema)
     final = out / f"part-{key}.parquet"
     tmp = out / f".part-{key}.parquet.tmp"
-    pq.write_table(table, tmp)
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it is named done
     os.replace(tmp, final)  # a reader (or a rerun) never sees half a unit
     return table.num_rows
 
@@ -230,10 +250,18 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
     job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite)
     pin = job["model"]
     with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
-        meta = read_export_meta(resolve_model_uri(pin["uri"], tracking_uri, dest=tmp))
+        folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
+        meta, digest = read_export_meta(folder), _export_digest(folder)
+    if not pin.get("digest"):  # first run: the weights this output is scored with
+        pin["digest"] = digest
+        _write_json(out / JOB_FILE, job)
+    elif pin["digest"] != digest:
+        raise InputError(f"model {pin['uri']} is not the model this output was started with (its files changed); "
+                         "use a new output folder or --overwrite")
     if meta["task"] != "classification":
         raise InputError(f"model {model_uri}: a {meta['task']} model; vitray score handles classification for now")
-    device_precision = resolve_precision(precision, "cuda" if use_gpu else "cpu")
+    # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
+    device_precision = precision if use_gpu and precision == "auto" else resolve_precision(precision, "cpu")
     for stale in out.glob(".part-*.tmp"):
         stale.unlink()  # a unit being written when an earlier run died
     done = {f.name[len("part-"):-len(".parquet")] for f in out.glob("part-*.parquet")}
@@ -267,6 +295,7 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
     import ray.data
 
     started = False
+    ctx = saved_order = None
     if not ray.is_initialized():
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -277,7 +306,8 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
             started = True
     try:
         ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = False
+        saved_order = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = False  # units are regrouped by the driver: any order will do
         ds = ray.data.from_items([{"unit": json.dumps(asdict(u))} for u in pending], override_num_blocks=len(pending))
         # read + decode run as CPU tasks (fused with each other); their remote args differ from the predictor's
         # (max_retries), so Ray Data does not fuse them into the actors, where decoding would serialise with the
@@ -300,11 +330,13 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
                 parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})
                 counts[key] = counts.get(key, 0) + int(sel.sum())
                 if counts[key] >= expected[key]:  # complete: write it now, free the memory
-                    written += _write_unit(out, key, parts.pop(key), meta["class_names"], pin, schema)
-        for key, chunks in parts.items():  # the stream has ended: what is left is complete too
-            written += _write_unit(out, key, chunks, meta["class_names"], pin, schema)
+                    written += _write_unit(out, key, parts.pop(key), expected[key], meta["class_names"], pin, schema)
+        for key, chunks in parts.items():  # the stream has ended: the rest must be complete too (checked)
+            written += _write_unit(out, key, chunks, expected[key], meta["class_names"], pin, schema)
         return written
     finally:
+        if ctx is not None:
+            ctx.execution_options.preserve_order = saved_order
         if started:
             ray.shutdown()
 

@@ -168,7 +168,9 @@ def serve_config(cfg: RunConfig, tracking_uri: str | None = None, pins: dict[str
     config = {"proxy_location": "EveryNode",
               "http_options": {"host": host or s.host, "port": s.port},
               "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,
-                                "args": app_args(s, tracking_uri, pins), "deployments": plan(s, pins)}]}
+                                # pins live in the deployments' user_config only: Serve hashes args into the code
+                                # version, so pins in args would turn a re-rendered config into a restart
+                                "args": app_args(s, tracking_uri), "deployments": plan(s, pins)}]}
     return json.loads(json.dumps(config))  # plain data, no shared objects (YAML would write anchors for them)
 
 
@@ -198,15 +200,17 @@ def _wait_running(timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"Serve application {APP_NAME} not running after {timeout_s:.0f}s")
 
 
-def deploy(cfg: RunConfig, tracking_uri: str | None = None, start_http: bool = True, pins: dict | None = None):
-    """Deploy (or update) the application on the connected Ray cluster; returns (pins, metas)."""
+def deploy(cfg: RunConfig, tracking_uri: str | None = None, start_http: bool = True, pins: dict | None = None,
+           metas: dict | None = None):
+    """Deploy (or update) the application on the connected Ray cluster; returns (pins, metas). ``metas`` given:
+    the pinned models were already checked."""
     from ray import serve
 
     from vitray.tracking.uris import default_tracking_uri
 
     tracking_uri = default_tracking_uri(tracking_uri or cfg.tracking.uri)
     pins = pins or pin_models(cfg.serve, tracking_uri)
-    metas = check_models(pins, tracking_uri)
+    metas = metas or check_models(pins, tracking_uri)
     if start_http:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(app_args(cfg.serve, tracking_uri, pins)), name=APP_NAME, route_prefix="/")
@@ -236,7 +240,7 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    check_models(pins, tracking_uri)  # fail fast, before Ray starts
+    metas = check_models(pins, tracking_uri)  # fail fast, before Ray starts
     address = address or cfg.cluster.address
     if not ray.is_initialized():
         if address:
@@ -244,7 +248,7 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
         else:
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     t0 = time.time()
-    pins, metas = deploy(cfg, tracking_uri, pins=pins)
+    pins, metas = deploy(cfg, tracking_uri, pins=pins, metas=metas)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"
     print(f"[vitray] serving {len(pins)} model(s) on {url} in {time.time() - t0:.0f}s (API docs: {url}/docs)",
           flush=True)
@@ -279,13 +283,16 @@ def reload(cfg: RunConfig, address: str | None = "auto") -> list[tuple[str, str 
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    check_models(pins, tracking_uri)
+    metas = check_models(pins, tracking_uri)
     if not ray.is_initialized():
         ray.init(address=address or "auto", log_to_driver=False)
     before = current_versions()
-    deploy(cfg, tracking_uri, start_http=False, pins=pins)
+    deploy(cfg, tracking_uri, start_http=False, pins=pins, metas=metas)
     want = {name: pin["version"] for name, pin in pins.items()}
     deadline = time.time() + 300
-    while (now := current_versions()) != want and time.time() < deadline:  # every replica answers on the new one
+    while (now := current_versions()) != want:  # the ingress's path answers with the new versions
+        if time.time() > deadline:
+            raise RuntimeError(f"reload: after 300s the models still answer with {now}, expected {want}; see "
+                               "`serve status`")
         time.sleep(0.5)
     return [(name, before.get(name), now.get(name)) for name in pins]

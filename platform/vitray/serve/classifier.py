@@ -9,8 +9,9 @@ new version beside the old one and swaps it in; requests already admitted finish
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
-import os
 import tempfile
 import time
 from collections import Counter
@@ -97,7 +98,9 @@ class ClassifierModel:
         predictor = Predictor(model, meta, device=self.device, precision=self.precision, max_pixels=self.max_pixels)
         size = predictor.input_size
         predictor.probabilities_of_crops(np.zeros((2, 3, size, size), np.uint8))  # warm-up: first call is slow
-        loaded = LoadedModel(predictor, pin, key=f"{pin['uri']}#{os.getpid()}-{time.time_ns()}")
+        # the key names what a crop depends on (the version and its preprocessing), the same in every replica
+        digest = hashlib.sha256(json.dumps(meta["preprocessing"], sort_keys=True).encode()).hexdigest()[:12]
+        loaded = LoadedModel(predictor, pin, key=f"{pin['uri']}#{digest}")
         log.info("vitray: model %s loaded %s (version %s) in %.1fs, %s", self.name, pin["uri"], pin["version"],
                  time.time() - t0, predictor.precision)
         return loaded

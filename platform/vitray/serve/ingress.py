@@ -56,7 +56,7 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 411, 413, 415)}
 
 api = FastAPI(title="vitray", version=__version__,
               description="Vision Transformers served by Ray Serve. Send an encoded image (JPEG, PNG, WebP, ...) as "
@@ -133,6 +133,8 @@ async def read_image_body(request: Request, limit: int) -> bytes:
     if length and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {int(length):,} bytes is over the limit of {limit:,}")
     if ctype == "multipart/form-data":
+        if not (length and length.isdigit()):  # the form parser spools parts to disk without a cap
+            raise ApiError(411, "a multipart upload needs a Content-Length header (or send the image bytes as the body)")
         try:
             form = await request.form(max_files=1, max_fields=16)
         except Exception as err:  # noqa: BLE001 - malformed multipart bodies raise several types
