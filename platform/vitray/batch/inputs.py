@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vitray.config import ConfigError
+from vitray.data.sources import tar_samples
 
 __all__ = ["Unit", "ScoreInput", "discover", "read_unit", "InputError", "FORMATS"]
 
@@ -116,26 +117,6 @@ def _parquet_unit(f: Path, image_column: str | None) -> Unit:
                 digest=_stat_digest([f]))
 
 
-def _tar_samples(path: Path, read: bool = False):
-    """(key, {ext: bytes when ``read`` else the member}) per sample of a WebDataset tar, in order, one pass."""
-    with tarfile.open(path, "r|*") as tf:
-        key, parts = None, {}
-        for member in tf:
-            if not member.isfile():
-                continue
-            base = member.name.rsplit("/", 1)[-1]
-            prefix = member.name[: len(member.name) - len(base)]
-            k, _, ext = base.partition(".")
-            k = prefix + k
-            if k != key and key is not None:
-                yield key, parts
-                parts = {}
-            key = k
-            parts[ext.lower()] = tf.extractfile(member).read() if read else member
-        if key is not None:
-            yield key, parts
-
-
 def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, files_per_unit: int = 1024) -> ScoreInput:
     root = Path(path).expanduser()
     if not root.exists():
@@ -158,7 +139,7 @@ def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, f
         tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
         for t in tars:
             try:
-                n = sum(1 for _ in _tar_samples(t))
+                n = sum(1 for _ in tar_samples(t, read=False))
             except (tarfile.TarError, OSError, EOFError) as err:
                 raise InputError(f"input {t}: unreadable tar ({err})") from None
             units.append(Unit(_safe_key(t.stem), "webdataset", str(t), n, digest=_stat_digest([t])))
@@ -210,7 +191,7 @@ def read_unit(unit: Unit):
             row += len(images)
         return
     if unit.kind == "webdataset":
-        for key, parts in _tar_samples(Path(unit.path), read=True):
+        for key, parts in tar_samples(Path(unit.path)):
             ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
             sid = f"{Path(unit.path).stem}/{key}"
             if ext is None:

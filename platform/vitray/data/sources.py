@@ -16,7 +16,7 @@ import numpy as np
 
 from .formats import IGNORE_INDEX
 
-__all__ = ["Sample", "Skipped", "SourceError", "open_source", "SOURCE_FORMATS"]
+__all__ = ["Sample", "Skipped", "SourceError", "open_source", "tar_samples", "SOURCE_FORMATS"]
 
 SOURCE_FORMATS = ("imagefolder", "coco", "masks", "webdataset", "sklearn-digits")
 SPLIT_NAMES = ("train", "val", "test")
@@ -245,6 +245,27 @@ def masks(src: Path, mask_dir: Path | None) -> Source:
 
 
 # ---------------------------------------------------------------------------------------------- webdataset
+def tar_samples(tar_path: Path, read: bool = True):
+    """(key, {ext: bytes, or the TarInfo when not ``read``}) per WebDataset sample of a tar, in order, in one
+    streaming pass (members of a sample are consecutive and share the name up to the first dot)."""
+    with tarfile.open(tar_path, "r|*") as tf:
+        key, parts = None, {}
+        for member in tf:
+            if not member.isfile():
+                continue
+            base = member.name.rsplit("/", 1)[-1]
+            prefix = member.name[: len(member.name) - len(base)]
+            k, _, ext = base.partition(".")
+            k = prefix + k
+            if k != key and key is not None:
+                yield key, parts
+                parts = {}
+            key = k
+            parts[ext.lower()] = tf.extractfile(member).read() if read else member
+        if key is not None:
+            yield key, parts
+
+
 def webdataset(src: Path) -> Source:
     tars = [src] if src.is_file() else sorted(src.glob("*.tar")) if src.is_dir() else []
     if not tars:
@@ -253,22 +274,7 @@ def webdataset(src: Path) -> Source:
 
     def groups(tar_path: Path):
         try:
-            with tarfile.open(tar_path, "r|*") as tf:
-                key, parts = None, {}
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    base = member.name.rsplit("/", 1)[-1]
-                    prefix = member.name[: len(member.name) - len(base)]
-                    k, _, ext = base.partition(".")
-                    k = prefix + k
-                    if k != key and key is not None:
-                        yield key, parts
-                        parts = {}
-                    key = k
-                    parts[ext.lower()] = tf.extractfile(member).read()
-                if key is not None:
-                    yield key, parts
+            yield from tar_samples(tar_path)
         except (tarfile.TarError, OSError, EOFError) as err:
             yield None, {"__error__": f"unreadable tar: {err}"}
 
