@@ -2,8 +2,9 @@
 
     python benchmarks/serve_throughput.py                         # ViT-Tiny/16 at 224, the defaults below
     python benchmarks/serve_throughput.py --seconds 10 --batch 32
-    python benchmarks/serve_throughput.py --accuracy-export ~/.vitray/quickstart/runs/.../export \\
-        --accuracy-shards ~/.vitray/quickstart/digits       # + fp32 vs bf16 top-1 of a trained model
+    python benchmarks/serve_throughput.py --accuracy-only \\
+        --accuracy-export ~/.vitray/quickstart/runs/RUN/export --accuracy-shards ~/.vitray/quickstart/shards
+                                                                  # fp32 vs bf16 on a trained model (after quickstart)
 
 A ViT-Tiny/16 (random weights: timing does not depend on them; nothing is downloaded) is exported and served by
 the real application (`vitray.serve.app.deploy`: Serve proxy -> FastAPI ingress with the batched model inside,
@@ -85,6 +86,29 @@ async def load(url: str, data: list[bytes], concurrency: int, seconds: float) ->
             "mean_batch": statistics.mean(sizes) if sizes else 0.0}
 
 
+def precision_check(export: str, shards: str) -> None:
+    """A trained export on the val split of its shards in fp32 and bf16: top-1 of each, how often they agree, and
+    the largest probability difference."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from vitray.data.formats import Manifest
+    from vitray.predict import Predictor
+
+    images, labels = [], []
+    for f in Manifest.read(shards).files(shards, "val"):
+        t = pq.read_table(f, columns=["image", "label"])
+        images += t.column("image").to_pylist()
+        labels += t.column("label").to_pylist()
+    probs = {prec: Predictor.from_export(export, precision=prec).probabilities(images) for prec in ("fp32", "bf16")}
+    for prec, p in probs.items():
+        print(f"[bench] trained model {prec}: val top-1 {float((p.argmax(1) == np.asarray(labels)).mean()):.4f} "
+              f"on {len(labels)} images")
+    same = float((probs["fp32"].argmax(1) == probs["bf16"].argmax(1)).mean())
+    print(f"[bench] trained model fp32 vs bf16: same top-1 class on {same:.3f} of the images, "
+          f"max |p_fp32 - p_bf16| {abs(probs['fp32'] - probs['bf16']).max():.2e}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="vit_tiny_patch16_224")
@@ -96,8 +120,14 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--accuracy-export", default=None, help="a trained export: top-1 with fp32 and bf16")
     ap.add_argument("--accuracy-shards", default=None, help="packed shards with a val split for --accuracy-export")
+    ap.add_argument("--accuracy-only", action="store_true", help="only the fp32/bf16 check of --accuracy-export")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.accuracy_only:
+        if not (args.accuracy_export and args.accuracy_shards):
+            ap.error("--accuracy-only needs --accuracy-export and --accuracy-shards")
+        precision_check(args.accuracy_export, args.accuracy_shards)
+        return 0
 
     import ray
 
@@ -159,17 +189,7 @@ def main() -> int:
     print(f"\n[bench] fp32 vs bf16 on {len(data)} images: top-1 agreement {agree:.3f}, "
           f"max |p_fp32 - p_bf16| {abs(p32 - p16).max():.2e}")
     if args.accuracy_export and args.accuracy_shards:
-        import torch
-
-        from vitray.models.export import load_export
-        from vitray.predict import evaluate_export
-
-        for prec in ("fp32", "bf16"):
-            model, meta = load_export(args.accuracy_export)
-            pred = Predictor(model, meta, precision=prec)
-            top1, n = evaluate_export(lambda x: torch.from_numpy(pred.probabilities_of_crops(x)), meta,
-                                      args.accuracy_shards)
-            print(f"[bench] trained model {prec}: val top-1 {top1:.4f} on {n} images")
+        precision_check(args.accuracy_export, args.accuracy_shards)
 
     print("\n| mode | concurrency | requests/s | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
     for mode, rows in table.items():

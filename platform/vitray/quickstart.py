@@ -171,9 +171,8 @@ def _serve_one(cfg, model_uri: str, shards: str, split: str) -> tuple[str, str, 
     import pyarrow.parquet as pq
     from ray import serve
 
-    from .config import ServedModel
     from .data.formats import Manifest
-    from .serve.app import deploy
+    from .serve.app import deploy, model_from_uri
 
     with socket.socket() as sock:  # the configured port, or any free one when it is taken
         try:
@@ -183,7 +182,7 @@ def _serve_one(cfg, model_uri: str, shards: str, split: str) -> tuple[str, str, 
             sock.bind((cfg.serve.host, 0))
             port = sock.getsockname()[1]
     cfg.serve.port = port
-    cfg.serve.models = [ServedModel(name=model_uri.split("/")[1].split("@")[0], uri=model_uri)]
+    cfg.serve.models = [model_from_uri(model_uri)]
     manifest = Manifest.read(shards)
     row = pq.read_table(manifest.files(shards, split)[0], columns=["image", "label"]).slice(0, 1).to_pylist()[0]
     try:

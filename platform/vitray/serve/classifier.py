@@ -14,9 +14,8 @@ import json
 import logging
 import tempfile
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from ray import serve
@@ -42,7 +41,6 @@ class LoadedModel:
     predictor: Predictor
     pin: dict
     key: str
-    loaded_at: float = field(default_factory=time.time)
 
     @property
     def info(self) -> dict:
@@ -74,7 +72,6 @@ class ClassifierModel:
         self._current: LoadedModel | None = None
         self._reload_lock = asyncio.Lock()
         self._batching: dict = {}
-        self.batch_sizes: Counter = Counter()
         try:
             from ray.serve.metrics import Histogram
 
@@ -168,7 +165,6 @@ class ClassifierModel:
             probs = await loop.run_in_executor(self._forward, loaded.predictor.probabilities_of_crops, crops)
             for j, i in enumerate(idx):
                 results[i] = (probs[j], len(items))
-        self.batch_sizes[len(items)] += 1
         if self._batch_metric is not None:
             self._batch_metric.observe(len(items))
         return results

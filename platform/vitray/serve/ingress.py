@@ -11,7 +11,6 @@ Adding a task (detection, segmentation) is one more deployment class plus one ro
 
 import asyncio
 import hmac
-import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,6 @@ from vitray import __version__
 
 __all__ = ["Ingress", "api", "ApiError", "TokenSource", "IMAGE_TYPES"]
 
-log = logging.getLogger("ray.serve")
 ROUTES = {"classification": "/v1/classify"}
 IMAGE_TYPES = ("image/", "application/octet-stream")
 

@@ -6,8 +6,8 @@ With no ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``, vitray uses a sqlite fi
 from __future__ import annotations
 
 import contextlib
-import re
 import os
+import re
 from pathlib import Path
 
 from vitray.config import ConfigError, is_model_uri, vitray_home
