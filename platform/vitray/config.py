@@ -1,7 +1,8 @@
 """One typed config for a whole vitray run.
 
 The schema is a tree of pydantic models, one per section (``model``, ``data``, ``train``, ``deepspeed``,
-``cluster``, ``tracking``, ``serve``, ``score``). Every section forbids unknown keys, so a typo fails at load
+``cluster``, ``tracking``, ``serve``, ``score``,
+``kubernetes``). Every section forbids unknown keys, so a typo fails at load
 with its dotted path instead of being silently ignored. The same object flows from the YAML file (plus
 ``--set a.b=c`` overrides) to every component, and the resolved config is written back as YAML next to the
 checkpoints and logged to MLflow.
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ConfigError", "RunConfig", "load_config", "parse_config", "apply_overrides", "dump_config",
@@ -266,6 +267,83 @@ class ScoreConfig(_Section):
     max_pixels: int = Field(64_000_000, gt=0, description="larger images become error rows (decompression bombs)")
 
 
+# ---------------------------------------------------------------------------------------------- kubernetes
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+class WorkerGroupConfig(_Section):
+    """One KubeRay worker group: identical pods, scaled between min_replicas and max_replicas."""
+
+    name: str = Field(..., max_length=30, pattern=DNS_LABEL)
+    replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=0)
+    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request = limit (Kubernetes quantity)")
+    memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$", description="memory request = limit")
+    gpus: int = Field(0, ge=0, description="nvidia.com/gpu per pod (whole GPUs)")
+    node_selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if not (self.min_replicas <= self.replicas <= self.max_replicas):
+            raise ValueError(f"need min_replicas <= replicas <= max_replicas, got {self.min_replicas} <= "
+                             f"{self.replicas} <= {self.max_replicas}")
+        return self
+
+
+class KubernetesConfig(_Section):
+    """How ``vitray k8s render|submit|values`` turns this run into a KubeRay RayJob (train, score) or RayService
+    (serve), and the Helm chart values for the same objects. Worker groups default to what the ``cluster``,
+    ``score`` or ``serve`` section asks for."""
+
+    name: str = Field("vitray", max_length=30, pattern=DNS_LABEL,
+                      description="instance name: objects are <name>-<workload> (the Helm release name)")
+    namespace: str | None = Field(None, pattern=DNS_LABEL, description="default: the kubeconfig context's namespace")
+    workload: Literal["auto", "train", "score", "serve"] = Field(
+        "auto", description="auto: serve when serve.models is set and nothing to train or score, score when "
+                            "score.model is set, else train")
+    image: str = Field("ghcr.io/vitray/vitray:0.1.0", min_length=1, description="image with vitray (Dockerfile)")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = []
+    ray_version: str = Field("2.60.0", min_length=1)
+    auth: Literal["token", "disabled"] = Field("token", description="Ray token authentication (KubeRay authOptions)")
+    head_cpu: str = Field("2", pattern=r"^[0-9]+(\.[0-9]+)?m?$")
+    head_memory: str = Field("8Gi", pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$")
+    worker_cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="derived worker group: CPUs per pod")
+    worker_memory: str = Field("16Gi", pattern=r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?)?$")
+    worker_groups: list[WorkerGroupConfig] | None = Field(
+        None, description="explicit groups; default one group sized from cluster/score/serve")
+    gpu_node_selector: dict[str, str] = {}
+    gpu_tolerations: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in GPU_TOLERATIONS])
+    autoscaling: bool = Field(True, description="KubeRay in-tree autoscaler (between min and max replicas)")
+    shared_storage: bool = Field(True, description="mount a ReadWriteMany PVC on every Ray pod (shards, run storage "
+                                                   "under $VITRAY_HOME); false: use s3:// or gs:// paths")
+    storage_claim: str | None = Field(None, pattern=DNS_LABEL, description="that PVC; default <name>-data (the chart's)")
+    storage_mount: str = Field("/mnt/vitray", pattern=r"^/")
+    mlflow_uri: str | None = Field(None, description="tracking URI inside the cluster; default the chart's server "
+                                                     "http://<name>-mlflow:5000")
+    entrypoint: str | None = Field(None, min_length=1, description="the job's shell command; default the jobs/ "
+                                                                     "script for the workload with the run config")
+    submission_mode: Literal["K8sJobMode", "HTTPMode", "SidecarMode"] = "K8sJobMode"
+    shutdown_after_job_finishes: bool = True
+    ttl_seconds_after_finished: int = Field(600, ge=0)
+    backoff_limit: int = Field(0, ge=0, description="retries of the whole RayJob (a new cluster each)")
+    active_deadline_seconds: int | None = Field(None, gt=0)
+    upgrade_strategy: Literal["NewCluster", "None"] = Field("NewCluster", description="RayService: a changed cluster "
+                                                                                        "spec starts a new cluster")
+    env: dict[str, str] = Field({}, description="extra environment on every Ray container")
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_text(cls, value):
+        if isinstance(value, dict):  # `--set kubernetes.env.X=1` parses as an int; the environment holds text
+            return {k: (str(v).lower() if isinstance(v, bool) else str(v)) if isinstance(v, (int, float, bool)) else v
+                    for k, v in value.items()}
+        return value
+
+
 # ------------------------------------------------------------------------------------------------ run
 class RunConfig(_Section):
     """The whole run. Each section has working defaults: an empty YAML file is a valid config."""
@@ -278,6 +356,7 @@ class RunConfig(_Section):
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
     score: ScoreConfig = ScoreConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
 
 # --------------------------------------------------------------------------------------------- loading
