@@ -317,6 +317,143 @@ def cmd_quickstart(args) -> int:
     return run_quickstart(home=args.home, overrides=args.overrides)
 
 
+# ----------------------------------------------------------------------------------------------- cluster runs
+def _env_pairs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--env {item!r}: expected NAME=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def cmd_submit(args) -> int:
+    from vitray.deploy import ray_jobs
+    from vitray.deploy.values import workload_of
+
+    cfg = _load(args, check=False)
+    workload = workload_of(cfg, args.workload)
+    res = ray_jobs.submit(cfg, workload, address=args.address, token_file=args.token_file, env=_env_pairs(args.env),
+                          package=not args.no_package, submission_id=args.submission_id,
+                          tracking_uri=args.tracking_uri)
+    print(f"[vitray] submitted {workload} job {res.submission_id} to {res.address}")
+    if not args.wait:
+        print(f"[vitray] follow it: vitray jobs logs {res.submission_id} --follow --address {res.address}")
+        return 0
+    client = ray_jobs.connect(args.address, args.token_file)
+    try:
+        ray_jobs.follow_logs(client, res.submission_id)
+        status = ray_jobs.wait(client, res.submission_id, res.address, timeout_s=60)
+    except KeyboardInterrupt:
+        print(f"\n[vitray] stopped following; the job keeps running (vitray jobs stop {res.submission_id} "
+              f"--address {res.address})", file=sys.stderr)
+        return 130
+    info = ray_jobs.call(lambda: client.get_job_info(res.submission_id), res.address, res.submission_id)
+    print(f"[vitray] job {res.submission_id} {status}" + (f": {info.message}" if info.message else ""))
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    import time
+
+    from vitray.deploy import ray_jobs
+
+    client = ray_jobs.connect(args.address, args.token_file)
+    address = ray_jobs.job_address(args.address)
+    if args.jobs_command == "list":
+        jobs = ray_jobs.call(client.list_jobs, address)
+        jobs = sorted(jobs, key=lambda j: j.start_time or 0)
+        if not jobs:
+            print(f"no jobs at {address}")
+            return 0
+        print(f"{'submission id':<40} {'status':<10} {'started':<17} {'took':>7}  entrypoint")
+        for j in jobs:
+            start = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.start_time / 1000)) if j.start_time else "-"
+            took = f"{(j.end_time - j.start_time) / 1000:.0f}s" if j.end_time and j.start_time else "-"
+            print(f"{(j.submission_id or j.job_id or '-'):<40} {str(j.status).rsplit('.', 1)[-1]:<10} {start:<17} "
+                  f"{took:>7}  {j.entrypoint[:60]}")
+        return 0
+    job_id = args.job_id
+    if args.jobs_command == "status":
+        info = ray_jobs.call(lambda: client.get_job_info(job_id), address, job_id)
+        status = str(info.status).rsplit(".", 1)[-1]
+        print(f"{job_id}: {status}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    if args.jobs_command == "logs":
+        if args.follow:
+            ray_jobs.call(lambda: client.get_job_info(job_id), address, job_id)
+            ray_jobs.follow_logs(client, job_id)
+        else:
+            sys.stdout.write(ray_jobs.call(lambda: client.get_job_logs(job_id), address, job_id))
+        return 0
+    stopped = ray_jobs.call(lambda: client.stop_job(job_id), address, job_id)
+    print(f"{job_id}: " + ("stop requested" if stopped else "already finished"))
+    return 0
+
+
+def _k8s_objects(args):
+    from vitray.deploy.manifests import render
+    from vitray.deploy.values import chart_values
+
+    cfg = _load(args, check=False)
+    if args.name:
+        cfg.kubernetes.name = args.name
+    values = chart_values(cfg, args.workload)
+    return cfg, values, render(values, cfg.kubernetes.name, getattr(args, "namespace", None) or cfg.kubernetes.namespace)
+
+
+def cmd_k8s(args) -> int:
+    from vitray.deploy.manifests import dump_yaml
+
+    if args.k8s_command == "values":
+        _, values, _ = _k8s_objects(args)
+        text = ("# Helm values for charts/vitray, rendered by `vitray k8s values` (helm install NAME charts/vitray "
+                "-f THIS_FILE)\n" + dump_yaml(values))
+    elif args.k8s_command == "render":
+        _, _, objects = _k8s_objects(args)
+        text = dump_yaml(objects, all_documents=True)
+    else:
+        return _k8s_submit(args)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _k8s_submit(args) -> int:
+    from vitray.deploy import k8s
+
+    custom, core, default_ns = k8s.clients(args.context)
+    args.namespace = args.namespace or None
+    cfg, _, objects = _k8s_objects(args)
+    namespace = args.namespace or cfg.kubernetes.namespace or default_ns
+    for o in objects:
+        o["metadata"]["namespace"] = namespace
+    created = k8s.create(objects, namespace, custom, core)
+    kind, name = created["kind"], created["metadata"]["name"]
+    print(f"[vitray] created {kind} {namespace}/{name}")
+    if not args.wait:
+        print(f"[vitray] follow it: kubectl get {kind.lower()} {name} -n {namespace} -w")
+        return 0
+    try:
+        if kind == "RayService":
+            k8s.watch_service(custom, namespace, name, timeout_s=args.timeout)
+            print(f"[vitray] RayService {namespace}/{name} is ready")
+            return 0
+        outcome = k8s.watch_job(custom, namespace, name, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        print(f"\n[vitray] stopped watching; {kind} {namespace}/{name} keeps running "
+              f"(kubectl delete {kind.lower()} {name} -n {namespace} stops it)", file=sys.stderr)
+        return 130
+    print(f"[vitray] RayJob {namespace}/{name} ended: {outcome.deployment_status} / {outcome.job_status}"
+          + (f": {outcome.message}" if outcome.message else ""))
+    return 0 if outcome.succeeded else 1
+
+
+
 # --------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -393,6 +530,63 @@ def build_parser() -> argparse.ArgumentParser:
                    "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_score)
+
+    def cluster_args(p):
+        p.add_argument("--address", default=None, help="the job server, http://HEAD:8265 (default $RAY_ADDRESS, "
+                                                       "else http://127.0.0.1:8265)")
+        p.add_argument("--token-file", dest="token_file", default=None,
+                       help="Ray auth token (default $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+    p = sub.add_parser("submit", help="submit a training or scoring run to a Ray cluster as a Ray job")
+    _add_config_args(p)
+    cluster_args(p)
+    p.add_argument("--wait", action="store_true", help="stream the logs and exit with the job's status")
+    p.add_argument("--workload", choices=["train", "score"], default=None,
+                   help="default: kubernetes.workload, else score when score.model is set, else train")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment for the job")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow for the job (default: tracking.uri, else the client's $MLFLOW_TRACKING_URI)")
+    p.add_argument("--no-package", dest="no_package", action="store_true",
+                   help="use the vitray installed on the cluster instead of uploading this one")
+    p.add_argument("--submission-id", dest="submission_id", default=None)
+    p.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="Ray jobs on a cluster: list, status, logs, stop").add_subparsers(
+        dest="jobs_command", metavar="ACTION")
+    jobs.required = True
+    p = jobs.add_parser("list", help="every job the cluster knows")
+    cluster_args(p)
+    p.set_defaults(func=cmd_jobs)
+    for action, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a running job")):
+        p = jobs.add_parser(action, help=text)
+        p.add_argument("job_id", metavar="ID", help="submission id (vitray jobs list)")
+        cluster_args(p)
+        if action == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
+        p.set_defaults(func=cmd_jobs)
+
+    k8s = sub.add_parser("k8s", help="KubeRay on Kubernetes: render a run's RayJob/RayService, its Helm values, "
+                                     "or submit and watch it").add_subparsers(dest="k8s_command", metavar="ACTION")
+    k8s.required = True
+    for action, text in (("render", "print the ConfigMap + RayJob (or the RayService) for a config"),
+                         ("values", "print the Helm values of charts/vitray for a config"),
+                         ("submit", "create the RayJob (or RayService) and, with --wait, watch it to the end")):
+        p = k8s.add_parser(action, help=text)
+        _add_config_args(p)
+        p.add_argument("--workload", choices=["train", "score", "serve"], default=None,
+                       help="default: kubernetes.workload (auto: from what the config holds)")
+        p.add_argument("--name", default=None, help="instance name (default kubernetes.name)")
+        if action != "values":
+            p.add_argument("--namespace", "-n", default=None, help="default kubernetes.namespace, else the "
+                                                                  "kubeconfig context's")
+        if action == "submit":
+            p.add_argument("--context", default=None, help="kubeconfig context")
+            p.add_argument("--wait", action="store_true", help="watch until the RayJob ends (exit 0 only when it "
+                                                              "SUCCEEDED) or the RayService is ready")
+            p.add_argument("--timeout", type=float, default=None, help="give up watching after this many seconds")
+        else:
+            p.add_argument("--output", "-o", default=None, help="write here instead of stdout")
+        p.set_defaults(func=cmd_k8s)
 
     data = sub.add_parser("data", help="pack image sources into shards; inspect and verify them").add_subparsers(
         dest="data_command", metavar="ACTION")
@@ -475,9 +669,11 @@ def _run(func: Callable, args) -> int:
         if isinstance(err, (CheckpointError, UnknownModelError, SourceError, ManifestError)):
             print(f"vitray: error: {err}", file=sys.stderr)
             return 2
+        from vitray.deploy.k8s import K8sError
+        from vitray.deploy.ray_jobs import JobsError
         from vitray.tracking.runs import TrackingError
 
-        if isinstance(err, TrackingError):
+        if isinstance(err, (TrackingError, JobsError, K8sError)):
             print(f"vitray: failed: {err}", file=sys.stderr)
             return 1
         if "VITRAY_DEBUG" in __import__("os").environ:

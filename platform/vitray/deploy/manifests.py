@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 __all__ = ["CHART", "DEFAULTS", "CONFIG_MOUNT", "fullname", "ray_cluster_spec", "run_config_map", "ray_job",
-           "ray_service", "render", "merge"]
+           "ray_service", "render", "merge", "dump_yaml"]
 
 CHART = "vitray"
 CONFIG_MOUNT = "/etc/vitray"
@@ -240,3 +240,21 @@ def render(values: dict, release: str, namespace: str | None = None) -> list[dic
         for o in objs:
             o["metadata"]["namespace"] = namespace
     return objs
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (run.yaml, runtimeEnvYAML, serveConfigV2) as literal blocks, as kubectl users write them."""
+
+
+def _str(dumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_BlockDumper.add_representer(str, _str)
+
+
+def dump_yaml(data, *, all_documents: bool = False) -> str:
+    if all_documents:
+        return yaml.dump_all(data, Dumper=_BlockDumper, sort_keys=False, width=120)
+    return yaml.dump(data, Dumper=_BlockDumper, sort_keys=False, width=120)

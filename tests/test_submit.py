@@ -1,0 +1,122 @@
+"""`vitray submit` and `vitray jobs` against a real Ray cluster that the test starts the way a user does
+(`ray start --head` on 127.0.0.1, its own temp dir and ports, token authentication on as Ray 2.60 sets it up),
+separate from the session's in-process cluster and stopped by its process group at the end."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp = tempfile.mkdtemp(prefix="vtr", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
+    ray = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+         f"--metrics-export-port={metrics}", f"--temp-dir={temp}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""})
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if run_cli("jobs", "list", "--address", address, timeout=60).returncode == 0:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"ray start --head exited with {proc.returncode}")
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray head's job server did not answer within 120 s")
+        yield address
+    finally:
+        # the head and every process it started (one process group), nothing else: TERM, then KILL what is left
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _config(tmp_path: Path, digits: str, data_path: str | None = None) -> Path:
+    cfg = {"model": {"name": "vit_pico_patch4_32", "num_classes": 10, "pos_embed": "sincos"},
+           "data": {"path": data_path or digits, "batch_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
+           "train": {"steps": 6, "warmup_steps": 1, "log_every_steps": 2},
+           "cluster": {"num_workers": 1, "storage_path": str(tmp_path / "runs")},
+           "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "submitted"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_submit_wait_succeeds_with_epoch_lines_and_jobs_status_agrees(ray_head, digits, tmp_path):
+    res = run_cli("submit", str(_config(tmp_path, digits)), "--address", ray_head, "--wait",
+                  "--submission-id", "vitray-test-ok", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "[vitray] epoch 1/1 done: val/loss" in res.stdout, res.stdout[-3000:]
+    assert "[vitray] job vitray-test-ok SUCCEEDED" in res.stdout
+    status = run_cli("jobs", "status", "vitray-test-ok", "--address", ray_head)
+    assert status.returncode == 0 and status.stdout.startswith("vitray-test-ok: SUCCEEDED"), status.stdout
+    listed = run_cli("jobs", "list", "--address", ray_head)
+    assert any(line.split()[:2] == ["vitray-test-ok", "SUCCEEDED"] for line in listed.stdout.splitlines())
+    logs = run_cli("jobs", "logs", "vitray-test-ok", "--address", ray_head)
+    assert "epoch 1/1 done" in logs.stdout
+    assert list((tmp_path / "runs").glob("*/export/model.safetensors")), "the job's run storage holds no export"
+
+
+def test_a_config_that_fails_on_the_cluster_ends_failed_with_a_nonzero_exit(ray_head, digits, tmp_path):
+    """Valid here, fails there: data.path does not exist where the driver runs."""
+    res = run_cli("submit", str(_config(tmp_path, digits, str(tmp_path / "no-shards"))), "--address", ray_head,
+                  "--wait", "--submission-id", "vitray-test-bad", timeout=300)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "[vitray] job vitray-test-bad FAILED" in res.stdout and "no manifest.json" in res.stdout
+    status = run_cli("jobs", "status", "vitray-test-bad", "--address", ray_head)
+    assert status.stdout.startswith("vitray-test-bad: FAILED"), status.stdout
+
+
+def test_usage_and_auth_errors_are_one_line(ray_head, digits, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochz: 3\n")
+    res = run_cli("submit", str(bad), "--address", ray_head)
+    assert res.returncode == 2 and "train.epochz" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("jobs", "status", "no-such-job", "--address", ray_head)
+    assert res.returncode == 2 and "no job no-such-job" in res.stderr
+    res = run_cli("jobs", "list", "--address", ray_head, env={"RAY_AUTH_TOKEN": "not-the-token"})
+    assert res.returncode == 1 and "refused the token" in res.stderr and "Traceback" not in res.stderr
+    token = tmp_path / "token"
+    token.write_text("")
+    res = run_cli("jobs", "list", "--address", ray_head, "--token-file", str(token))
+    assert res.returncode == 2 and "--token-file" in res.stderr
