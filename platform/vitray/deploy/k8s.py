@@ -22,6 +22,7 @@ PLURALS = {"RayJob": "rayjobs", "RayService": "rayservices"}
 # KubeRay's JobDeploymentStatus: Complete and Failed end a RayJob; ValidationFailed ends it before any cluster.
 TERMINAL_DEPLOYMENT = ("Complete", "Failed", "ValidationFailed")
 TERMINAL_JOB = ("SUCCEEDED", "FAILED", "STOPPED")
+POLL_S = 5.0  # seconds between status reads
 
 
 class K8sError(RuntimeError):
@@ -114,12 +115,12 @@ class JobOutcome:
         return self.deployment_status == "Complete" and self.job_status == "SUCCEEDED"
 
 
-def watch_job(custom, namespace: str, name: str, *, poll_s: float = 5.0, timeout_s: float | None = None,
-              out=sys.stdout, sleep=time.sleep, clock=time.monotonic) -> JobOutcome:
+def watch_job(custom, namespace: str, name: str, *, timeout_s: float | None = None, out=None) -> JobOutcome:
     """Follow a RayJob until KubeRay says it is over; prints one line per change of (deployment, job) status."""
     from kubernetes.client.rest import ApiException
 
-    start = clock()
+    out = out or sys.stdout
+    start = time.monotonic()
     seen = None
     misses = 0
     while True:
@@ -132,7 +133,7 @@ def watch_job(custom, namespace: str, name: str, *, poll_s: float = 5.0, timeout
             misses += 1
             if misses >= 5:
                 raise _api_error(err, "RayJob", name, namespace) from None
-            sleep(poll_s)
+            time.sleep(POLL_S)
             continue
         status = obj.get("status") or {}
         dep, job = status.get("jobDeploymentStatus") or "New", status.get("jobStatus") or "-"
@@ -144,16 +145,16 @@ def watch_job(custom, namespace: str, name: str, *, poll_s: float = 5.0, timeout
             out.flush()
         if dep in TERMINAL_DEPLOYMENT and (dep != "ValidationFailed" or not status.get("rayClusterName")):
             return JobOutcome(dep, job, status.get("message") or status.get("reason") or "")
-        if timeout_s is not None and clock() - start > timeout_s:
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise K8sError(f"RayJob {namespace}/{name} still {dep} / {job} after {timeout_s:.0f}s (it keeps running: "
                            f"kubectl get rayjob {name} -n {namespace})")
-        sleep(poll_s)
+        time.sleep(POLL_S)
 
 
-def watch_service(custom, namespace: str, name: str, *, poll_s: float = 5.0, timeout_s: float | None = 1800,
-                  out=sys.stdout, sleep=time.sleep, clock=time.monotonic) -> bool:
+def watch_service(custom, namespace: str, name: str, *, timeout_s: float | None = 1800, out=None) -> bool:
     """Follow a RayService until its Ready condition is True (True) or the timeout passes (K8sError)."""
-    start = clock()
+    out = out or sys.stdout
+    start = time.monotonic()
     seen = None
     while True:
         obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "rayservices", name)
@@ -166,7 +167,7 @@ def watch_service(custom, namespace: str, name: str, *, poll_s: float = 5.0, tim
             out.flush()
         if state[0] == "True":
             return True
-        if timeout_s is not None and clock() - start > timeout_s:
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise K8sError(f"RayService {namespace}/{name} not ready after {timeout_s:.0f}s: "
                            f"{ready.get('message', '')[:300]}")
-        sleep(poll_s)
+        time.sleep(POLL_S)
