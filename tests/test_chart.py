@@ -221,3 +221,27 @@ def test_the_validators_reject_unknown_fields_and_kinds_without_a_schema(crds):
         validate(cm, crds)
     with pytest.raises(Exception):
         validate({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}, crds)
+
+
+def test_image_ray_version_and_paths_agree_across_dockerfile_chart_and_config():
+    """No Docker engine runs here: the Dockerfile is checked for what the chart and the CLI assume of the image."""
+    import re
+
+    from vitray.config import KubernetesConfig
+    from vitray.deploy.values import JOBS_DIR
+
+    docker = (ROOT / "Dockerfile").read_text()
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)", docker, re.M).group(1)
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert str(values["rayVersion"]) == ray_version == KubernetesConfig().ray_version
+    import ray
+
+    assert ray.__version__ == ray_version, "the image's Ray must be the one vitray is tested with"
+    assert re.search(r"^WORKDIR (\S+)", docker, re.M).group(1) + "/jobs" == JOBS_DIR
+    assert "COPY --chown=ray:users jobs ./jobs" in docker and "USER ray" in docker
+    assert values["podSecurityContext"]["runAsUser"] == 1000  # the Ray images' `ray` user
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    from vitray import __version__
+
+    assert chart["appVersion"] == __version__ == str(values["image"]["tag"])
+    assert KubernetesConfig().image == f"{values['image']['repository']}:{values['image']['tag']}"
