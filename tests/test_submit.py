@@ -60,7 +60,7 @@ def ray_head():
         # the head and every process it started (one process group), nothing else: TERM, then KILL what is left
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(3)
         except subprocess.TimeoutExpired:
             pass
         try:
