@@ -438,7 +438,10 @@ class _Worker:
             if self.is_rank0 and val:
                 shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "val/skipped_images")
                 print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", flush=True)
-            self.save_and_report(metrics, epoch_done=True)
+            # the step budget can end a run mid-epoch: its checkpoint then keeps the position, so a resume with a
+            # larger budget (train.steps) goes on from there instead of believing the epoch was done
+            stopped_mid_epoch = self.global_step >= plan.total_steps and self.micro_in_epoch < plan.micro_steps_per_epoch
+            self.save_and_report(metrics, epoch_done=not stopped_mid_epoch)
             if self.is_rank0 and os.environ.get("VITRAY_DEBUG_TIMING"):
                 print(f"[timing] epoch total {time.perf_counter() - t_epoch0:.2f}s first batch {t_first - t_epoch0:.2f}s "
                       f"eval {t_eval - t_ep:.2f}s ckpt {time.perf_counter() - t_eval:.2f}s", flush=True)
