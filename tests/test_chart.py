@@ -120,13 +120,16 @@ def test_external_mlflow_uses_the_secret_and_s3_without_a_volume(helm_bin, tmp_p
     docs = template(helm_bin, files=[CHART / "ci" / "external-mlflow-values.yaml"], tmp=tmp_path)
     dep = next(d for d in docs if d["kind"] == "Deployment")
     c = dep["spec"]["template"]["spec"]["containers"][0]
-    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in c["args"]
+    assert not [a for a in c["args"] if a.startswith("--backend-store-uri")]  # from the Secret's env, never in argv
+    assert c["env"][0]["name"] == "MLFLOW_BACKEND_STORE_URI"
     assert "--artifacts-destination=s3://ml-artifacts/vitray" in c["args"]
     assert c["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "uri"}
     assert c["envFrom"] == [{"secretRef": {"name": "mlflow-s3"}}]
     hosts = next(a for a in c["args"] if a.startswith("--allowed-hosts="))
     assert "vitray-mlflow:5000" in hosts and "mlflow.example.com" in hosts
     assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"].endswith("mlflow")]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]  # only this release's pods reach the server
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "vitray"}
 
 
 def test_serving_values_render_a_rayservice_with_a_yaml_string_serve_config(helm_bin, tmp_path):
@@ -166,7 +169,11 @@ CONFIGS = [
     ("jobs/configs/k8s_digits.yaml", ()),
     ("jobs/configs/imagenet_vit_b16_zero2.yaml", ("kubernetes.gpu_node_selector.gpu=h100", "kubernetes.env.NCCL_DEBUG=WARN",
                                                    "kubernetes.image_pull_secrets=[regcred]",
-                                                   "kubernetes.active_deadline_seconds=7200")),
+                                                   "kubernetes.active_deadline_seconds=7200",
+                                                   # names YAML would read as a bool and a number unless quoted
+                                                   "kubernetes.worker_groups=[{name: 'on', replicas: 8, max_replicas: 8, "
+                                                   "gpus: 1}, {name: '1', replicas: 0, max_replicas: 4}]",
+                                                   "kubernetes.storage_claim='2024'")),
     ("jobs/configs/digits_vit_pico.yaml", ("kubernetes.shared_storage=false", "kubernetes.auth=disabled",
                                            "kubernetes.mlflow_uri=http://mlflow.ml:5000", "kubernetes.autoscaling=false",
                                            "kubernetes.submission_mode=HTTPMode", "kubernetes.name=digits")),

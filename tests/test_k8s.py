@@ -47,6 +47,9 @@ class StandInCustomObjects:
         self.created.append(body)
         return {**body, "metadata": {**body["metadata"], "uid": "0b8f-rayjob-uid", "resourceVersion": "1"}}
 
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.deleted = getattr(self, "deleted", []) + [(plural, name)]
+
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         step = self.statuses[min(self.gets, len(self.statuses) - 1)]
         self.gets += 1
@@ -56,23 +59,29 @@ class StandInCustomObjects:
 
 
 class StandInCore:
-    def __init__(self):
-        self.config_maps = []
+    def __init__(self, create_error: ApiException | None = None, replace_error: ApiException | None = None):
+        self.config_maps, self.replaced = [], []
+        self.create_error, self.replace_error = create_error, replace_error
 
     def create_namespaced_config_map(self, namespace, body, field_validation=None):
         assert field_validation == "Strict"
+        if self.create_error:
+            raise self.create_error
         self.config_maps.append(body)
         return body
 
     def replace_namespaced_config_map(self, name, namespace, body, field_validation=None):
-        self.config_maps.append(body)
+        assert field_validation == "Strict" and name == body["metadata"]["name"]
+        if self.replace_error:
+            raise self.replace_error
+        self.replaced.append(body)
         return body
 
 
 @pytest.fixture
 def cluster(monkeypatch):
-    def install(custom):
-        core = StandInCore()
+    def install(custom, core=None):
+        core = core or StandInCore()
         monkeypatch.setattr(k8s, "clients", lambda context=None: (custom, core, "team-a"))
         monkeypatch.setattr(k8s, "POLL_S", 0.0)
         return custom, core
@@ -117,9 +126,11 @@ def test_submit_wait_exits_1_when_the_job_fails_and_names_the_reason(cluster, ca
     assert "RayJob ml/vitray-train ended: Failed / FAILED: Job entrypoint command failed with exit code 2" in out
 
 
-def test_validation_failed_before_any_cluster_is_terminal(cluster, capsys):
-    cluster(StandInCustomObjects([{}, {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
-                                       "message": "The RayJob metadata is invalid: name too long"}]))
+@pytest.mark.parametrize("cluster_name", [None, "vitray-train-x7k2p"])
+def test_validation_failed_is_terminal_before_or_after_a_cluster(cluster, capsys, cluster_name):
+    status = {"jobDeploymentStatus": "ValidationFailed", "reason": "ValidationFailed",
+              "message": "The RayJob metadata is invalid: name too long"}
+    cluster(StandInCustomObjects([{}, {**status, **({"rayClusterName": cluster_name} if cluster_name else {})}]))
     assert main(["k8s", "submit", DIGITS, "--wait"]) == 1
     assert "ValidationFailed / -: The RayJob metadata is invalid" in capsys.readouterr().out
 
@@ -206,3 +217,63 @@ def test_render_usage_errors_exit_2(tmp_path, capsys):
     assert "min_replicas <= replicas <= max_replicas" in capsys.readouterr().err
     assert main(["k8s", "render", DIGITS, "--set", "kubernetes.submission_mode=Interactive"]) == 2
     assert "kubernetes.submission_mode" in capsys.readouterr().err
+
+
+def test_a_leftover_configmap_is_replaced_and_a_refused_one_takes_the_rayjob_back(cluster, capsys):
+    custom, core = cluster(StandInCustomObjects(), StandInCore(create_error=_api_exception(
+        409, "AlreadyExists", 'configmaps "vitray-train-config" already exists')))
+    assert main(["k8s", "submit", DIGITS]) == 0
+    assert [b["metadata"]["name"] for b in core.replaced] == ["vitray-train-config"]
+    assert core.replaced[0]["metadata"]["ownerReferences"][0]["uid"] == "0b8f-rayjob-uid"
+    capsys.readouterr()
+    custom, core = cluster(StandInCustomObjects(), StandInCore(create_error=_api_exception(
+        403, "Forbidden", 'configmaps is forbidden: User "ci" cannot create resource "configmaps"')))
+    assert main(["k8s", "submit", DIGITS]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ConfigMap team-a/vitray-train-config: not allowed (403)" in err
+    assert custom.deleted == [("rayjobs", "vitray-train")]  # no RayJob left waiting for a config that never came
+
+
+def test_a_rayservice_deleted_while_watched_is_one_line(cluster, capsys):
+    class Gone(StandInCustomObjects):
+        def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+            raise _api_exception(404, "NotFound", f'rayservices.ray.io "{name}" not found')
+
+    cluster(Gone())
+    assert main(["k8s", "submit", str(ROOT / "jobs" / "configs" / "serve_digits.yaml"), "--wait"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RayService team-a/vitray-serve was deleted while being watched" in err
+
+
+def test_bad_name_is_a_usage_error(capsys):
+    assert main(["k8s", "render", DIGITS, "--name", "Bad_Name"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--name 'Bad_Name'" in err
+
+
+def test_shell_entrypoints_are_wrapped_for_kuberays_submitter_and_serve_groups_cover_every_model():
+    from vitray.config import load_config
+    from vitray.deploy.values import chart_values, job_entrypoint
+
+    assert job_entrypoint("python /home/ray/vitray/jobs/train.py /etc/vitray/run.yaml") == \
+        "python /home/ray/vitray/jobs/train.py /etc/vitray/run.yaml"
+    wrapped = job_entrypoint("vitray data pack - /d --format sklearn-digits && python t.py it's.yaml")
+    import shlex
+
+    assert shlex.split(wrapped) == ["bash", "-ec", "vitray data pack - /d --format sklearn-digits && python t.py it's.yaml"]
+    assert job_entrypoint("bash -ec 'a && b'") == "bash -ec 'a && b'"
+    cfg = load_config(ROOT / "jobs" / "configs" / "serve_digits.yaml",
+                      ["serve.models=[{name: a, uri: 'models:/a@champion'}, {name: b, uri: 'models:/b@champion'}]",
+                       "serve.gpus_per_replica=1"])
+    (group,) = chart_values(cfg)["workerGroups"]
+    assert group["name"] == "gpu" and group["gpus"] == 1
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (2, 2, 4)  # 2 models x 1..2 replicas
+
+
+def test_job_address_ignores_a_gcs_ray_address(monkeypatch):
+    from vitray.deploy.ray_jobs import DEFAULT_ADDRESS, job_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "vitray-head-svc:6379")  # what KubeRay sets inside Ray pods
+    assert job_address(None) == DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
+    assert job_address(None) == "http://head:8265"

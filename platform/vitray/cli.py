@@ -396,9 +396,15 @@ def _k8s_objects(args):
     from vitray.deploy.manifests import render
     from vitray.deploy.values import chart_values
 
+    from pydantic import ValidationError
+
     cfg = _load(args, check=False)
     if args.name:
-        cfg.kubernetes.name = args.name
+        try:
+            cfg.kubernetes.name = args.name
+        except ValidationError as err:
+            raise UsageError(f"--name {args.name!r}: {err.errors()[0]['msg']} (a DNS label: lowercase letters, "
+                             "digits and '-', at most 30 characters)") from None
     values = chart_values(cfg, args.workload)
     return cfg, values, render(values, cfg.kubernetes.name, getattr(args, "namespace", None) or cfg.kubernetes.namespace)
 

@@ -28,9 +28,9 @@ tests/test_chart.py requires both to agree. Change them together.
 
 {{/* Selector labels; call with (dict "root" $ "component" "train"). */}}
 {{- define "vitray.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "vitray.name" .root }}
-app.kubernetes.io/instance: {{ .root.Release.Name }}
-app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/name: {{ include "vitray.name" .root | quote }}
+app.kubernetes.io/instance: {{ .root.Release.Name | quote }}
+app.kubernetes.io/component: {{ .component | quote }}
 {{- end }}
 
 {{/* Standard labels; call with (dict "root" $ "component" "train"). */}}
@@ -156,7 +156,7 @@ headGroupSpec:
         {{- if $v.storage.enabled }}
         - name: data
           persistentVolumeClaim:
-            claimName: {{ include "vitray.claimName" $root }}
+            claimName: {{ include "vitray.claimName" $root | quote }}
         {{- end }}
         {{- if .configMap }}
         - name: run-config
@@ -165,7 +165,7 @@ headGroupSpec:
         {{- end }}
 workerGroupSpecs:
   {{- range $g := $v.workerGroups }}
-  - groupName: {{ $g.name }}
+  - groupName: {{ $g.name | quote }}
     replicas: {{ int $g.replicas }}
     minReplicas: {{ int $g.minReplicas }}
     maxReplicas: {{ int $g.maxReplicas }}
@@ -174,7 +174,7 @@ workerGroupSpecs:
       metadata:
         labels:
           {{- $labels | nindent 10 }}
-          ray.io/group: {{ $g.name }}
+          ray.io/group: {{ $g.name | quote }}
       spec:
         {{- include "vitray.podSecurity" $root | nindent 8 }}
         {{- with $g.nodeSelector }}
@@ -213,7 +213,7 @@ workerGroupSpecs:
           {{- if $v.storage.enabled }}
           - name: data
             persistentVolumeClaim:
-              claimName: {{ include "vitray.claimName" $root }}
+              claimName: {{ include "vitray.claimName" $root | quote }}
           {{- end }}
   {{- end }}
 {{- end }}

@@ -35,8 +35,9 @@ def clients(context: str | None = None):
 
     try:
         config.load_kube_config(context=context)
-        _, active = config.list_kube_config_contexts()
-        namespace = (active or {}).get("context", {}).get("namespace") or "default"
+        contexts, active = config.list_kube_config_contexts()
+        chosen = next((c for c in contexts or [] if c.get("name") == context), None) if context else active
+        namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
     except Exception as kube_err:  # noqa: BLE001 - fall back to the in-cluster service account
         try:
             config.load_incluster_config()
@@ -95,11 +96,19 @@ def create(objects: list[dict], namespace: str, custom, core) -> dict:
             continue
         body = {**obj, "metadata": {**obj["metadata"], "ownerReferences": [owner]}}
         try:
-            core.create_namespaced_config_map(namespace, body, field_validation="Strict")
-        except ApiException as err:
-            if err.status == 409:  # left by a run of the same name that was deleted without its owner: replace
+            try:
+                core.create_namespaced_config_map(namespace, body, field_validation="Strict")
+            except ApiException as err:
+                if err.status != 409:
+                    raise
+                # left by a run of the same name that was deleted without its owner: replace it
                 core.replace_namespaced_config_map(obj["metadata"]["name"], namespace, body, field_validation="Strict")
-                continue
+        except ApiException as err:
+            # without its run config the RayJob's head would wait forever on the volume: take the RayJob back
+            try:
+                custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
+            except ApiException:
+                pass
             raise _api_error(err, obj["kind"], obj["metadata"]["name"], namespace) from None
     return created
 
@@ -143,7 +152,7 @@ def watch_job(custom, namespace: str, name: str, *, timeout_s: float | None = No
             extra += f" dashboard {status['dashboardURL']}" if status.get("dashboardURL") else ""
             out.write(f"[vitray] RayJob {namespace}/{name}: {dep} / {job}{extra}\n")
             out.flush()
-        if dep in TERMINAL_DEPLOYMENT and (dep != "ValidationFailed" or not status.get("rayClusterName")):
+        if dep in TERMINAL_DEPLOYMENT:  # KubeRay never leaves ValidationFailed, with or without a cluster
             return JobOutcome(dep, job, status.get("message") or status.get("reason") or "")
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise K8sError(f"RayJob {namespace}/{name} still {dep} / {job} after {timeout_s:.0f}s (it keeps running: "
@@ -153,11 +162,24 @@ def watch_job(custom, namespace: str, name: str, *, timeout_s: float | None = No
 
 def watch_service(custom, namespace: str, name: str, *, timeout_s: float | None = 1800, out=None) -> bool:
     """Follow a RayService until its Ready condition is True (True) or the timeout passes (K8sError)."""
+    from kubernetes.client.rest import ApiException
+
     out = out or sys.stdout
     start = time.monotonic()
     seen = None
+    misses = 0
     while True:
-        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "rayservices", name)
+        try:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "rayservices", name)
+            misses = 0
+        except ApiException as err:
+            if err.status == 404:
+                raise K8sError(f"RayService {namespace}/{name} was deleted while being watched") from None
+            misses += 1
+            if misses >= 5:
+                raise _api_error(err, "RayService", name, namespace) from None
+            time.sleep(POLL_S)
+            continue
         status = obj.get("status") or {}
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
         state = (ready.get("status", "Unknown"), ready.get("reason", status.get("serviceStatus", "")))

@@ -38,7 +38,9 @@ class JobsError(RuntimeError):
 
 def job_address(address: str | None) -> str:
     """--address, else $RAY_ADDRESS when it is an http(s) URL, else the local dashboard."""
-    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    if not address:  # $RAY_ADDRESS only when it is the job server's URL (inside Ray pods it is HOST:6379, the GCS)
+        env = os.environ.get("RAY_ADDRESS", "")
+        address = env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
     if address.startswith("ray://") or "://" not in address and address != "auto":
         raise ConfigError(f"--address {address}: the job server's HTTP address is needed, e.g. http://HEAD:8265 "
                           "(ray:// is the Ray Client port, not the job server)")

@@ -11,7 +11,8 @@ import yaml
 
 from vitray.config import ConfigError, RunConfig
 
-__all__ = ["WORKLOADS", "workload_of", "worker_groups", "chart_values", "default_entrypoint", "JOB_SCRIPTS"]
+__all__ = ["WORKLOADS", "workload_of", "worker_groups", "chart_values", "default_entrypoint", "job_entrypoint",
+           "JOB_SCRIPTS"]
 
 WORKLOADS = ("train", "score", "serve")
 JOBS_DIR = "/home/ray/vitray/jobs"  # where the Dockerfile puts jobs/
@@ -35,6 +36,20 @@ def workload_of(cfg: RunConfig, workload: str | None = None) -> str:
 
 def default_entrypoint(workload: str, mount: str) -> str:
     return f"python {JOB_SCRIPTS[workload]} {mount}/run.yaml"
+
+
+SHELL_OPERATORS = ("&&", "||", ";", "|", ">", "<", "$(", "`")
+
+
+def job_entrypoint(entrypoint: str) -> str:
+    """KubeRay's submitter (K8sJobMode) pastes the entrypoint unquoted into its own ``bash -c`` line, so a shell
+    operator would end the ``ray job submit`` command there and run the rest in the submitter pod: wrap such an
+    entrypoint in ``bash -ec '...'`` (Ray's CLI re-quotes its arguments, so the job runs the whole line)."""
+    import shlex
+
+    if any(op in entrypoint for op in SHELL_OPERATORS) and not entrypoint.lstrip().startswith(("bash -", "sh -")):
+        return f"bash -ec {shlex.quote(entrypoint)}"
+    return entrypoint
 
 
 def _group(name: str, replicas: int, lo: int, hi: int, cpu: str, memory: str, gpus: int, node_selector: dict,
@@ -66,9 +81,14 @@ def worker_groups(cfg: RunConfig, workload: str) -> list[dict]:
         gpus = 1 if s.use_gpu else 0
         lo = hi = n = s.concurrency
     else:
+        from vitray.serve.app import colocated  # torch-free
+
         s = cfg.serve
         gpus = math.ceil(s.gpus_per_replica)
-        n, lo, hi = max(1, s.min_replicas), s.min_replicas, s.max_replicas
+        # a pod per model replica: one deployment per model (several models or colocate: false), each scaling
+        # between min and max replicas; a separate router ingress lives on the head
+        models = max(1, len(s.models)) if not colocated(s) else 1
+        n, lo, hi = max(1, s.min_replicas) * models, s.min_replicas * models, s.max_replicas * models
     name = "gpu" if gpus else "cpu"
     return [_group(name, n, lo, hi, k.worker_cpu, k.worker_memory, gpus, k.gpu_node_selector if gpus else {},
                    k.gpu_tolerations if gpus else [])]
@@ -114,7 +134,7 @@ def chart_values(cfg: RunConfig, workload: str | None = None, tracking_uri: str 
         values["service"] = {"enabled": True, "upgradeStrategy": k.upgrade_strategy,
                              "serveConfig": serve_config(cfg, uri, host="0.0.0.0")}
         return values
-    entrypoint = k.entrypoint or default_entrypoint(workload, "/etc/vitray")
+    entrypoint = job_entrypoint(k.entrypoint or default_entrypoint(workload, "/etc/vitray"))
     values["job"] = {
         "enabled": True, "workload": workload, "entrypoint": entrypoint,
         "submissionMode": k.submission_mode, "shutdownAfterJobFinishes": k.shutdown_after_job_finishes,
