@@ -277,3 +277,11 @@ def test_job_address_ignores_a_gcs_ray_address(monkeypatch):
     assert job_address(None) == DEFAULT_ADDRESS
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
     assert job_address(None) == "http://head:8265"
+
+
+def test_watch_timeout_leaves_the_job_running_and_says_so(cluster, capsys):
+    custom, _ = cluster(StandInCustomObjects(RUNNING))
+    assert main(["k8s", "submit", DIGITS, "--wait", "--timeout", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "RayJob team-a/vitray-train not finished after 0s (it keeps running: kubectl get rayjob vitray-train" in err
+    assert not getattr(custom, "deleted", [])

@@ -124,27 +124,37 @@ class JobOutcome:
         return self.deployment_status == "Complete" and self.job_status == "SUCCEEDED"
 
 
-def watch_job(custom, namespace: str, name: str, *, timeout_s: float | None = None, out=None) -> JobOutcome:
-    """Follow a RayJob until KubeRay says it is over; prints one line per change of (deployment, job) status."""
+def _statuses(custom, namespace: str, kind: str, name: str, timeout_s: float | None):
+    """Each ``status`` of the object, POLL_S apart: deleted (404) ends the watch with a K8sError, five failed reads
+    in a row with the API error, the timeout with a line saying the object keeps running."""
     from kubernetes.client.rest import ApiException
 
-    out = out or sys.stdout
     start = time.monotonic()
-    seen = None
     misses = 0
     while True:
         try:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "rayjobs", name)
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURALS[kind], name)
             misses = 0
         except ApiException as err:
             if err.status == 404:
-                raise K8sError(f"RayJob {namespace}/{name} was deleted while being watched") from None
+                raise K8sError(f"{kind} {namespace}/{name} was deleted while being watched") from None
             misses += 1
             if misses >= 5:
-                raise _api_error(err, "RayJob", name, namespace) from None
+                raise _api_error(err, kind, name, namespace) from None
             time.sleep(POLL_S)
             continue
-        status = obj.get("status") or {}
+        yield obj.get("status") or {}
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise K8sError(f"{kind} {namespace}/{name} not finished after {timeout_s:.0f}s (it keeps running: "
+                           f"kubectl get {kind.lower()} {name} -n {namespace})")
+        time.sleep(POLL_S)
+
+
+def watch_job(custom, namespace: str, name: str, *, timeout_s: float | None = None, out=None) -> JobOutcome:
+    """Follow a RayJob until KubeRay says it is over; prints one line per change of (deployment, job) status."""
+    out = out or sys.stdout
+    seen = None
+    for status in _statuses(custom, namespace, "RayJob", name, timeout_s):
         dep, job = status.get("jobDeploymentStatus") or "New", status.get("jobStatus") or "-"
         if (dep, job) != seen:
             seen = (dep, job)
@@ -154,33 +164,14 @@ def watch_job(custom, namespace: str, name: str, *, timeout_s: float | None = No
             out.flush()
         if dep in TERMINAL_DEPLOYMENT:  # KubeRay never leaves ValidationFailed, with or without a cluster
             return JobOutcome(dep, job, status.get("message") or status.get("reason") or "")
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise K8sError(f"RayJob {namespace}/{name} still {dep} / {job} after {timeout_s:.0f}s (it keeps running: "
-                           f"kubectl get rayjob {name} -n {namespace})")
-        time.sleep(POLL_S)
+    raise AssertionError("unreachable")
 
 
 def watch_service(custom, namespace: str, name: str, *, timeout_s: float | None = 1800, out=None) -> bool:
     """Follow a RayService until its Ready condition is True (True) or the timeout passes (K8sError)."""
-    from kubernetes.client.rest import ApiException
-
     out = out or sys.stdout
-    start = time.monotonic()
     seen = None
-    misses = 0
-    while True:
-        try:
-            obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, "rayservices", name)
-            misses = 0
-        except ApiException as err:
-            if err.status == 404:
-                raise K8sError(f"RayService {namespace}/{name} was deleted while being watched") from None
-            misses += 1
-            if misses >= 5:
-                raise _api_error(err, "RayService", name, namespace) from None
-            time.sleep(POLL_S)
-            continue
-        status = obj.get("status") or {}
+    for status in _statuses(custom, namespace, "RayService", name, timeout_s):
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
         state = (ready.get("status", "Unknown"), ready.get("reason", status.get("serviceStatus", "")))
         if state != seen:
@@ -189,7 +180,4 @@ def watch_service(custom, namespace: str, name: str, *, timeout_s: float | None 
             out.flush()
         if state[0] == "True":
             return True
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise K8sError(f"RayService {namespace}/{name} not ready after {timeout_s:.0f}s: "
-                           f"{ready.get('message', '')[:300]}")
-        time.sleep(POLL_S)
+    raise AssertionError("unreachable")
