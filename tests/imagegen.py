@@ -111,3 +111,30 @@ def make_webdataset(root: Path, n_per_tar=5, tars=("train-000", "val-000")) -> d
                     tf.addfile(info, io.BytesIO(payload))
                 out[f"{name}/{key}"] = (data, label)
     return out
+
+
+def digits_images():
+    """scikit-learn's bundled digits (real handwriting, shipped in the package) as 8-bit grayscale arrays, labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8), d.target.astype(int)
+
+
+def make_digits_folder(root: Path, sizes=(8, 16, 24, 32), bad: int = 3) -> dict[str, int]:
+    """The digits laid out as people keep an image folder: ROOT/CLASS/*.png, so sorted by class; mixed sizes (each
+    image upscaled to one of ``sizes``), and ``bad`` corrupt files (a truncated PNG, a text file, an empty file).
+    Returns {relative path: label} of the good images."""
+    images, labels = digits_images()
+    out = {}
+    for i, (img, label) in enumerate(zip(images, labels)):
+        d = root / str(label)
+        d.mkdir(parents=True, exist_ok=True)
+        s = sizes[i % len(sizes)]
+        path = d / f"digit_{i:04d}.png"
+        path.write_bytes(encode(Image.fromarray(img, "L").resize((s, s), Image.NEAREST)))
+        out[path.relative_to(root).as_posix()] = int(label)
+    corrupt = [encode(Image.fromarray(images[0], "L"))[:40], b"not an image\n", b""]
+    for k in range(bad):
+        (root / str(k % 10) / f"broken_{k}.png").write_bytes(corrupt[k % 3])
+    return out

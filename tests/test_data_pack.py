@@ -190,5 +190,5 @@ def test_manifest_lists_shards_with_hashes(tmp_path):
     make_imagefolder(tmp_path / "src")
     pack(str(tmp_path / "src"), str(tmp_path / "out"), "imagefolder", progress=False)
     data = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert data["format_version"] == 1 and data["task"] == "classification"
+    assert data["format_version"] == 2 and data["task"] == "classification"
     assert {"file", "rows", "sha256", "bytes", "split"} <= set(data["shards"][0])

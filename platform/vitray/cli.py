@@ -186,7 +186,8 @@ def cmd_data_pack(args) -> int:
 
     m = pack(args.src, args.out, args.format, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
              shard_rows=args.shard_rows, shard_bytes=args.shard_bytes, max_pixels=args.max_pixels,
-             overwrite=args.overwrite, task=args.task, images=args.images, masks_dir=args.masks, workers=args.workers)
+             overwrite=args.overwrite, task=args.task, images=args.images, masks_dir=args.masks, workers=args.workers,
+             shuffle=not args.keep_order, seed=args.seed)
     total = sum(m.counts.values())
     splits = ", ".join(f"{s} {n:,}" for s, n in m.counts.items())
     print(f"packed {total:,} images ({splits}) into {len(m.shards)} shards in {args.out} "
@@ -610,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None, help="coco only: image folder (default: beside the JSON)")
     p.add_argument("--masks", default=None, help="masks only: mask folder (default: SRC/masks)")
     p.add_argument("--workers", type=int, default=None, help="decode threads for validation (default: cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the row order (recorded in the manifest)")
+    p.add_argument("--keep-order", action="store_true",
+                   help="write rows in source order instead of a seeded random order (only for sources already "
+                        "shuffled: a class-sorted folder packed in order trains badly)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
     p.set_defaults(func=cmd_data_pack)
     p = data.add_parser("inspect", help="counts per split and class, skipped files, sizes")

@@ -93,6 +93,9 @@ class DataConfig(_Section):
     max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels are refused (decompression bombs)")
     shuffle: bool = Field(True, description="shuffle file and block order each epoch; false: a fixed stream order "
                                             "(reproducible runs), mixed only by the seeded local shuffle buffer")
+    shuffle_buffer: int | None = Field(None, ge=0, description="rows each trainer mixes in a local shuffle buffer "
+                                                               "(decoded images); default: what fits in 256 MB, "
+                                                               "between 4 micro batches and 10,000 rows; 0: none")
     seed: int = 0
 
 

@@ -20,7 +20,7 @@ __all__ = [
     "split_of", "ManifestError",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows in a seeded random order (``order``), per-shard class counts
 MANIFEST = "manifest.json"
 TASKS = ("classification", "detection", "segmentation")
 IGNORE_INDEX = 255  # mask value ignored by the loss and the metrics
@@ -74,6 +74,7 @@ class ShardInfo:
     rows: int
     bytes: int
     sha256: str
+    class_counts: dict[str, int] | None = None  # class name -> rows (objects for detection); None: packed before v2
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    order: dict = field(default_factory=dict)  # {"shuffled", "seed", "method"}; empty: packed before v2 (source order)
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ io

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from .class_mix import mix_warning, shard_mixes
 from .formats import Manifest, sha256_file
 
 __all__ = ["summarize", "verify"]
@@ -25,6 +26,23 @@ def summarize(folder: str) -> str:
     lines.append("  " + " " * width + "".join(f" {s:>8}" for s in splits))
     for name in m.class_names:
         lines.append("  " + f"{name:<{width}}" + "".join(f" {m.class_counts.get(s, {}).get(name, 0):>8,}" for s in splits))
+    order = m.order or {}
+    lines.append("row order: " + (f"shuffled at pack (seed {order.get('seed')}, {order.get('method')})"
+                                  if order.get("shuffled") else "source order" + (" (packed before vitray shuffled rows)"
+                                                                                  if not order else "")))
+    mixes = shard_mixes(folder, m)
+    lines.append("shards (class mix: distance to the split's; far when above the limit that random sampling allows):")
+    fw = max((len(x.file) for x in mixes), default=4)
+    for x in mixes:
+        total = sum(x.counts.values()) or 1
+        top = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(x.counts.items(), key=lambda kv: -kv[1])[:3])
+        judged = ("not judged (class counts unknown)" if x.distance is None else
+                  f"distance {x.distance:.2f}" + (" (too small to judge)" if x.limit is None else
+                                                 f" / limit {x.limit:.2f}" + ("  FAR" if x.far else "")))
+        lines.append(f"  {x.file:<{fw}} {x.rows:>8,} rows  {judged}" + (f"  top: {top}" if x.counts else ""))
+    warning = mix_warning(mixes)
+    if warning:
+        lines.append(f"warning: {warning}")
     lines.append(f"skipped: {len(m.skipped)}")
     reasons: dict[str, int] = {}
     for s in m.skipped:

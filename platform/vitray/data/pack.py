@@ -4,10 +4,20 @@ Streaming: samples are probed (fully decoded once, in a bounded thread pool: PIL
 and appended to per-split writers that flush a shard as soon as it reaches ``shard_rows`` rows or
 ``shard_bytes`` bytes, so memory stays flat however large the source. Bad files are skipped with their reason;
 the original encoded bytes are stored unchanged.
+
+Order: every split is written in a seeded random order (``shuffle=True``, the default; the seed is recorded in the
+manifest), so each shard is a uniform sample of its split whatever the source order (an image folder is sorted by
+class: packed in that order, a shard would hold one or two classes and no read-time shuffle could mix them).
+Listing sources are simply read in a shuffled order. Streamed sources (WebDataset tars) go through an external
+shuffle: each row is appended to one of B bucket files chosen at random, then each bucket is read back, shuffled in
+memory and written out as shards; B is sized from the source so that one bucket (~256 MB) is all that is in memory.
 """
 from __future__ import annotations
 
+import math
 import os
+import pickle
+import random
 import shutil
 import sys
 import time
@@ -22,7 +32,10 @@ from .decode import DecodeError, decode_mask, probe_image
 from .formats import MANIFEST, Manifest, ShardInfo, schema_for, sha256_file, split_of
 from .sources import Sample, Skipped, SourceError, open_source
 
-__all__ = ["pack", "PackError"]
+__all__ = ["pack", "PackError", "SPILL_BUCKET_BYTES"]
+
+SPILL_BUCKET_BYTES = 256 << 20  # external shuffle: source bytes per bucket (what the second pass holds in memory)
+MAX_SPILL_BUCKETS = 1024
 
 
 class PackError(SourceError):
@@ -35,10 +48,13 @@ class _ShardWriter:
         self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
         self.rows: list[dict] = []
         self.nbytes = 0
+        self.classes: Counter = Counter()
         self.shards: list[ShardInfo] = []
+        self.shard_classes: list[Counter] = []  # per shard: class id -> rows (objects for detection)
 
-    def add(self, row: dict) -> None:
+    def add(self, row: dict, classes: list[int]) -> None:
         self.rows.append(row)
+        self.classes.update(classes)
         self.nbytes += len(row["image"]) + len(row.get("mask") or b"")
         if len(self.rows) >= self.shard_rows or self.nbytes >= self.shard_bytes:
             self.flush()
@@ -53,7 +69,59 @@ class _ShardWriter:
         os.replace(tmp, self.out / name)
         self.shards.append(ShardInfo(name, self.split, len(self.rows), (self.out / name).stat().st_size,
                                      sha256_file(self.out / name)))
-        self.rows, self.nbytes = [], 0
+        self.shard_classes.append(self.classes)
+        self.rows, self.nbytes, self.classes = [], 0, Counter()
+
+
+class _Spill:
+    """The external shuffle for streamed sources. Pass 1 appends each row to one of ``buckets`` files per split,
+    chosen at random (small in-memory buffers, appended with pickle: a private temp format, deleted at the end);
+    pass 2 reads one bucket at a time, shuffles it and hands its rows to the shard writers. A bucket is a uniform
+    random sample of its split, so every shard cut from it is one too."""
+
+    def __init__(self, tmp: Path, buckets: int, rng: random.Random):
+        self.tmp, self.buckets, self.rng = tmp, buckets, rng
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.buf: dict[tuple[str, int], list] = {}
+        self.buf_bytes: dict[tuple[str, int], int] = {}
+        self.flush_bytes = max(1 << 20, (64 << 20) // buckets)  # buffers: at most ~64 MB in all (1 MB each min.)
+
+    def _path(self, key: tuple[str, int]) -> Path:
+        return self.tmp / f"{key[0]}-{key[1]:04d}.pkl"
+
+    def add(self, split: str, row: dict, classes: list[int]) -> None:
+        key = (split, self.rng.randrange(self.buckets))
+        self.buf.setdefault(key, []).append((row, classes))
+        self.buf_bytes[key] = self.buf_bytes.get(key, 0) + len(row["image"]) + len(row.get("mask") or b"")
+        if self.buf_bytes[key] >= self.flush_bytes:
+            self._flush(key)
+
+    def _flush(self, key: tuple[str, int]) -> None:
+        if self.buf.get(key):
+            with open(self._path(key), "ab") as f:
+                pickle.dump(self.buf[key], f, protocol=pickle.HIGHEST_PROTOCOL)
+        self.buf[key], self.buf_bytes[key] = [], 0
+
+    def drain(self, writer_for) -> None:
+        for key in list(self.buf):
+            self._flush(key)
+        for key in sorted(self.buf):
+            path = self._path(key)
+            if not path.exists():
+                continue
+            rows: list = []
+            with open(path, "rb") as f:
+                while True:
+                    try:
+                        rows += pickle.load(f)
+                    except EOFError:
+                        break
+            path.unlink()
+            self.rng.shuffle(rows)
+            writer = writer_for(key[0])
+            for row, classes in rows:
+                writer.add(row, classes)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _probe(sample: Sample, max_pixels: int) -> tuple[Sample, tuple[int, int] | str]:
@@ -87,7 +155,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fraction: float = 0.0,
          shard_rows: int = 10_000, shard_bytes: int = 256 << 20, max_pixels: int = 64_000_000,
          overwrite: bool = False, task: str | None = None, images: str | None = None, masks_dir: str | None = None,
-         workers: int | None = None, progress: bool = True) -> Manifest:
+         workers: int | None = None, progress: bool = True, shuffle: bool = True, seed: int = 0) -> Manifest:
     if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise PackError(f"--val-fraction {val_fraction} (+ test {test_fraction}) must be in [0, 1)")
     if shard_rows <= 0 or shard_bytes <= 0:
@@ -103,6 +171,23 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
     t0 = time.perf_counter()
     done = 0
     workers = workers or max(1, min(8, os.cpu_count() or 1))
+    rng = random.Random(seed)
+    order, spill = None, None
+    if shuffle and source.listing:
+        order = list(range(len(source.refs)))
+        rng.shuffle(order)
+        method = "listing"
+    elif shuffle:
+        buckets = max(1, min(MAX_SPILL_BUCKETS, math.ceil(source.size_hint / SPILL_BUCKET_BYTES)))
+        spill = _Spill(out_path / "_pack_tmp", buckets, rng)
+        method = f"external ({buckets} bucket{'s' if buckets > 1 else ''})"
+    else:
+        method = "source order"
+
+    def writer_for(split: str) -> _ShardWriter:
+        if split not in writers:
+            writers[split] = _ShardWriter(out_path, split, schema, shard_rows, shard_bytes)
+        return writers[split]
 
     def write(sample: Sample, result) -> None:
         nonlocal done, max_label
@@ -111,22 +196,22 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
             return
         split = sample.split or split_of(sample.id, val_fraction, test_fraction)
         row = {"id": sample.id, "image": sample.data, "width": result[0], "height": result[1], "split": split}
-        counter = class_counts.setdefault(split, Counter())
         if source.task == "classification":
             row["label"] = sample.label
-            counter[sample.label] += 1
-            max_label = max(max_label, sample.label)
+            classes = [sample.label]
         elif source.task == "detection":
             row["boxes"], row["box_labels"] = sample.boxes, sample.box_labels
-            counter.update(sample.box_labels)
+            classes = list(sample.box_labels)
         else:
             row["mask"] = sample.mask
-            ids = set(decode_mask(sample.mask).ravel().tolist()) - {255}
-            counter.update(ids)
-            max_label = max([max_label, *ids])
-        if split not in writers:
-            writers[split] = _ShardWriter(out_path, split, schema, shard_rows, shard_bytes)
-        writers[split].add(row)
+            classes = sorted(set(decode_mask(sample.mask).ravel().tolist()) - {255})
+        if source.task != "detection":
+            max_label = max([max_label, *classes])
+        class_counts.setdefault(split, Counter()).update(classes)
+        if spill is not None:
+            spill.add(split, row, classes)
+        else:
+            writer_for(split).add(row, classes)
         done += 1
         if progress and done % 1000 == 0:
             rate = done / (time.perf_counter() - t0)
@@ -135,7 +220,7 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
     # bounded in-flight window: order is preserved and memory stays flat
     window: deque = deque()
     with ThreadPoolExecutor(workers) as pool:
-        for item in source.items:
+        for item in source.iter_items(order):
             if isinstance(item, Skipped):
                 skipped.append({"path": item.path, "reason": item.reason})
                 continue
@@ -144,6 +229,10 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
                 write(*window.popleft().result())
         while window:
             write(*window.popleft().result())
+    if spill is not None:
+        if progress and done >= 1000:
+            print(f"\rpacked {done:,} images; writing shuffled shards ...", end="", file=sys.stderr, flush=True)
+        spill.drain(writer_for)
     for w in writers.values():
         w.flush()
     if progress and done >= 1000:
@@ -155,16 +244,23 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
     class_names = source.finalize(max_label) if source.finalize else source.class_names
     if source.task == "classification" and max_label >= len(class_names):
         raise PackError(f"labels go up to {max_label} but only {len(class_names)} class names are known")
+
+    def named(counter: Counter) -> dict[str, int]:
+        return {class_names[k] if k < len(class_names) else str(k): v for k, v in sorted(counter.items())}
+
+    for w in writers.values():
+        for info, counter in zip(w.shards, w.shard_classes):
+            info.class_counts = named(counter)
     manifest = Manifest(
         task=source.task,
         class_names=list(class_names),
         counts={s: sum(i.rows for i in w.shards) for s, w in sorted(writers.items())},
-        class_counts={s: {class_names[k] if k < len(class_names) else str(k): v for k, v in sorted(c.items())}
-                      for s, c in sorted(class_counts.items())},
+        class_counts={s: named(c) for s, c in sorted(class_counts.items())},
         shards=[s for w in writers.values() for s in w.shards],
         skipped=skipped,
         source={"format": fmt, "path": str(src), "val_fraction": val_fraction, "test_fraction": test_fraction,
                 "max_pixels": max_pixels, **source.info},
+        order={"shuffled": shuffle, "seed": seed if shuffle else None, "method": method},
     )
     manifest.write(out_path)
     manifest.source["seconds"] = round(time.perf_counter() - t0, 3)

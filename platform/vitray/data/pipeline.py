@@ -25,7 +25,7 @@ from .formats import IGNORE_INDEX, Manifest, split_of
 from .sources import IMAGE_EXTS, SPLIT_NAMES
 from .transforms import EvalTransform, TrainTransform
 
-__all__ = ["DatasetSpec", "decode_batch", "build_dataset", "build_datasets", "dataset_spec"]
+__all__ = ["DatasetSpec", "decode_batch", "build_dataset", "build_datasets", "dataset_spec", "shuffle_buffer_rows"]
 
 _TASK_COLUMNS = {
     "classification": ["image", "label"],
@@ -144,7 +144,8 @@ def dataset_spec(data_cfg, val_fraction: float = 0.1) -> DatasetSpec:
         files.setdefault(split, []).append(f)
     names_file = (root if root.is_dir() else root.parent) / "classes.txt"
     names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()] if names_file.is_file() else []
-    return DatasetSpec("classification", names, files, {}, format=fmt)
+    nbytes = {s: sum(Path(f).stat().st_size for f in fs) for s, fs in files.items()} if fmt == "parquet" else None
+    return DatasetSpec("classification", names, files, {}, format=fmt, nbytes=nbytes)
 
 
 # Read blocks of ~16 MB, decoded 128 rows per call: a 256 MB shard read as one block would be decoded by a single
@@ -154,15 +155,37 @@ READ_BLOCK_BYTES = 16 << 20
 DECODE_BATCH = 128
 
 
+SHUFFLE_BUFFER_BYTES = 256 << 20  # decoded images a trainer's local shuffle buffer may hold by default
+MAX_SHUFFLE_BUFFER_ROWS = 10_000
+
+
+def shuffle_buffer_rows(data_cfg, img_size: int) -> int:
+    """Rows in each trainer's local shuffle buffer: ``data.shuffle_buffer``, or what fits in 256 MB of decoded
+    uint8 images, at least 4 micro batches and at most 10,000 rows (28-32 px images: 10,000; 224 px: 1,741)."""
+    if data_cfg.shuffle_buffer is not None:
+        return data_cfg.shuffle_buffer
+    fits = SHUFFLE_BUFFER_BYTES // (3 * img_size * img_size)
+    return int(min(MAX_SHUFFLE_BUFFER_ROWS, max(4 * data_cfg.batch_size, fits)))
+
+
+def _epoch_seed(data_cfg):
+    """Seeded and different every epoch (each execution of the dataset): runs repeat, epochs don't."""
+    from ray.data._internal.random_config import RandomSeedConfig
+
+    return RandomSeedConfig(seed=data_cfg.seed, reseed_after_execution=True)
+
+
 def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float, train: bool):
     import ray.data
+    from ray.data import FileShuffleConfig
 
     files = spec.files.get(split, [])
     if not files:
         raise ValueError(f"no {split!r} split in {data_cfg.path} (has: {', '.join(spec.files) or 'nothing'})")
     blocks = max(len(files), 8)
-    # a new file order every epoch; rows are further mixed by the trainer's local shuffle buffer
-    shuffle = "files" if train and data_cfg.shuffle else None
+    # a new file order every epoch (seeded); rows are further mixed by the trainer's local shuffle buffer. A plain
+    # image folder is read one file per row, so its order is a full random permutation every epoch.
+    shuffle = FileShuffleConfig(seed=data_cfg.seed, reseed_after_execution=True) if train and data_cfg.shuffle else None
     if spec.format in ("shards", "parquet"):
         cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
         ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=blocks).select_columns(cols)
@@ -201,10 +224,12 @@ def _fits_in_object_store(spec: DatasetSpec, split: str) -> bool:
     return size < CACHE_FRACTION * ray.cluster_resources().get("object_store_memory", 0)
 
 
-def _read_small(spec: DatasetSpec, split: str, data_cfg):
+def _read_small(spec: DatasetSpec, split: str, data_cfg, max_block_rows: int | None = None):
     """A small Parquet split read here with pyarrow and put in the object store as blocks: milliseconds, where a
     Ray Data read + materialize pays its listing and task start-up (5-10 s per split on 2 cores) at every run's
-    start. Blocks of ~16 MB, at least 8, so decoding still spreads over the cluster. None: read it with Ray Data."""
+    start. Blocks of ~16 MB, at least 8, so decoding still spreads over the cluster, and for training at most
+    ``max_block_rows`` rows, so that the shuffle buffer draws from many randomly ordered blocks at once (rows grouped
+    by class in the files are still mixed). None: read it with Ray Data."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray.data
@@ -216,6 +241,8 @@ def _read_small(spec: DatasetSpec, split: str, data_cfg):
         return None
     n = max(8, -(-table.nbytes // READ_BLOCK_BYTES))
     step = max(1, -(-table.num_rows // n))
+    if max_block_rows:
+        step = max(1, min(step, max_block_rows))
     return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
 
 
@@ -225,10 +252,12 @@ def build_dataset(spec: DatasetSpec, split: str, data_cfg, *, img_size: int, tra
     if _fits_in_object_store(spec, split):
         # small split: keep the encoded bytes in the object store, so each epoch skips listing and reading the
         # files (seconds per epoch) while decode and augmentation still run fresh every epoch
-        ds = _read_small(spec, split, data_cfg) if spec.format in ("shards", "parquet") else None
+        # blocks of at most an eighth of the shuffle buffer (>= 128 rows): it then mixes >= 8 random blocks
+        block_rows = max(128, shuffle_buffer_rows(data_cfg, img_size) // 8) if train else None
+        ds = _read_small(spec, split, data_cfg, block_rows) if spec.format in ("shards", "parquet") else None
         ds = ds if ds is not None else _read(spec, split, data_cfg, val_fraction, train).materialize()
         if train and data_cfg.shuffle:
-            ds = ds.randomize_block_order()
+            ds = ds.randomize_block_order(seed=_epoch_seed(data_cfg))
     else:
         ds = _read(spec, split, data_cfg, val_fraction, train)
     if not data_cfg.shuffle:

@@ -1,7 +1,13 @@
-"""Image sources ``vitray data pack`` reads: each yields samples (or skipped files with their reason) in a stable order.
+"""Image sources ``vitray data pack`` reads: each yields samples (or skipped files with their reason).
 
 A source never decodes pixels itself: it hands over the original encoded bytes plus annotations, and the packer
-probes them (in parallel) and writes them unchanged.
+probes them (in parallel) and writes them unchanged. Two kinds, for the packer's shuffle:
+
+* listing sources (image folders, COCO files, mask folders, scikit-learn's digits) know every sample before reading
+  any: they give ``refs`` (one cheap reference per sample, in a stable order) and ``load(ref)``, so the packer reads
+  them in a seeded random order at no extra cost;
+* streamed sources (WebDataset tars) only give ``items`` in their stored order, plus ``size_hint`` (bytes) so the
+  packer can size its external shuffle.
 """
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -49,9 +55,24 @@ class Skipped:
 class Source:
     task: str
     class_names: list[str]
-    items: Iterator[Sample | Skipped]
+    items: Iterator[Sample | Skipped] | None = None  # streamed sources: samples in stored order
     info: dict = field(default_factory=dict)
     finalize: object = None  # optional callable(max_label_seen) -> class_names, for sources that learn them while read
+    refs: list | None = None  # listing sources: one reference per sample, in a stable order ...
+    load: Callable[[object], "Sample | Skipped"] | None = None  # ... and how to read one
+    size_hint: int = 0  # streamed sources: their size in bytes (sizes the packer's external shuffle)
+
+    @property
+    def listing(self) -> bool:
+        return self.refs is not None
+
+    def iter_items(self, order: list[int] | None = None) -> Iterator[Sample | Skipped]:
+        """Every sample: a listing source in ``order`` (indices into ``refs``; None: stored order)."""
+        if not self.listing:
+            yield from self.items
+            return
+        for i in (range(len(self.refs)) if order is None else order):
+            yield self.load(self.refs[i])
 
 
 def _read(path: Path) -> bytes | Skipped:
@@ -75,23 +96,22 @@ def imagefolder(src: Path) -> Source:
     if not classes:
         raise SourceError(f"{src}: no class folders found (imagefolder expects SRC/CLASS/IMAGE or SRC/train/CLASS/IMAGE)")
     index = {c: i for i, c in enumerate(classes)}
+    refs = []  # (relative path, split, label): small, so millions of files list in memory
+    for split, root in roots:
+        for cls in classes:
+            folder = root / cls
+            if folder.is_dir():
+                refs += [(p.relative_to(src).as_posix(), split, index[cls]) for p in _files(folder)]
+    if not refs:
+        raise SourceError(f"{src}: the class folders hold no files")
 
-    def items():
-        found = False
-        for split, root in roots:
-            for cls in classes:
-                folder = root / cls
-                if not folder.is_dir():
-                    continue
-                for path in _files(folder):
-                    found = True
-                    data = _read(path)
-                    rel = path.relative_to(src).as_posix()
-                    yield data if isinstance(data, Skipped) else Sample(rel, data, split, label=index[cls], path=str(path))
-        if not found:
-            raise SourceError(f"{src}: the class folders hold no files")
+    def load(ref):
+        rel, split, label = ref
+        path = src / rel
+        data = _read(path)
+        return data if isinstance(data, Skipped) else Sample(rel, data, split, label=label, path=str(path))
 
-    return Source("classification", classes, items(), {"splits_from_source": bool(split_dirs)})
+    return Source("classification", classes, info={"splits_from_source": bool(split_dirs)}, refs=refs, load=load)
 
 
 # ---------------------------------------------------------------------------------------------------- coco
@@ -168,42 +188,40 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
     if task == "segmentation":
         names = ["background"] + names
 
-    def items():
-        for im in sorted(imgs, key=lambda i: i["file_name"]):
-            path = image_dir / im["file_name"]
-            if not path.is_file():
-                yield Skipped(str(path), "file not found (listed in the annotations)")
-                continue
-            raw = _read(path)
-            if isinstance(raw, Skipped):
-                yield raw
-                continue
-            split = next((s for s in SPLIT_NAMES if im["file_name"].startswith(s + "/")), None)
-            sample = Sample(im["file_name"], raw, split, path=str(path))
-            h, w = int(im["height"]), int(im["width"])
-            objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in cat_index]
-            if task == "detection":
-                boxes, labels = [], []
-                for a in objs:
-                    if a.get("iscrowd"):
-                        continue
-                    x, y, bw, bh = a["bbox"]
-                    x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
-                    if x1 > x0 and y1 > y0:
-                        boxes.append([x0, y0, x1, y1])
-                        labels.append(cat_index[a["category_id"]])
-                sample.boxes, sample.box_labels = boxes, labels
-            else:
-                mask = np.zeros((h, w), dtype=np.uint8)
-                for a in sorted(objs, key=lambda a: -a.get("area", 0)):  # small objects painted last, on top
-                    if "segmentation" not in a:
-                        continue
-                    m = _rasterise(a["segmentation"], h, w).astype(bool)
-                    mask[m] = IGNORE_INDEX if a.get("iscrowd") else cat_index[a["category_id"]] + 1
-                sample.mask = _png(mask)
-            yield sample
+    def load(im):
+        path = image_dir / im["file_name"]
+        if not path.is_file():
+            return Skipped(str(path), "file not found (listed in the annotations)")
+        raw = _read(path)
+        if isinstance(raw, Skipped):
+            return raw
+        split = next((s for s in SPLIT_NAMES if im["file_name"].startswith(s + "/")), None)
+        sample = Sample(im["file_name"], raw, split, path=str(path))
+        h, w = int(im["height"]), int(im["width"])
+        objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in cat_index]
+        if task == "detection":
+            boxes, labels = [], []
+            for a in objs:
+                if a.get("iscrowd"):
+                    continue
+                x, y, bw, bh = a["bbox"]
+                x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
+                if x1 > x0 and y1 > y0:
+                    boxes.append([x0, y0, x1, y1])
+                    labels.append(cat_index[a["category_id"]])
+            sample.boxes, sample.box_labels = boxes, labels
+        else:
+            mask = np.zeros((h, w), dtype=np.uint8)
+            for a in sorted(objs, key=lambda a: -a.get("area", 0)):  # small objects painted last, on top
+                if "segmentation" not in a:
+                    continue
+                m = _rasterise(a["segmentation"], h, w).astype(bool)
+                mask[m] = IGNORE_INDEX if a.get("iscrowd") else cat_index[a["category_id"]] + 1
+            sample.mask = _png(mask)
+        return sample
 
-    return Source(task, names, items(), {"annotations": str(ann_path), "images": str(image_dir)})
+    return Source(task, names, info={"annotations": str(ann_path), "images": str(image_dir)},
+                  refs=sorted(imgs, key=lambda i: i["file_name"]), load=load)
 
 
 # --------------------------------------------------------------------------------------------------- masks
@@ -224,24 +242,22 @@ def masks(src: Path, mask_dir: Path | None) -> Source:
         raise SourceError(f"{image_dir}: no files")
     names = _class_file(src)
 
-    def items():
-        for path in images:
-            rel = path.relative_to(image_dir).as_posix()
-            split = next((s for s in SPLIT_NAMES if rel.startswith(s + "/")), None)
-            mpath = mask_by_stem.get(path.relative_to(image_dir).with_suffix("").as_posix())
-            if mpath is None:
-                yield Skipped(str(path), "no mask with the same name")
-                continue
-            raw, mraw = _read(path), _read(mpath)
-            if isinstance(raw, Skipped) or isinstance(mraw, Skipped):
-                yield raw if isinstance(raw, Skipped) else mraw
-                continue
-            yield Sample(rel, raw, split, mask=mraw, path=str(path))
+    def load(path: Path):
+        rel = path.relative_to(image_dir).as_posix()
+        split = next((s for s in SPLIT_NAMES if rel.startswith(s + "/")), None)
+        mpath = mask_by_stem.get(path.relative_to(image_dir).with_suffix("").as_posix())
+        if mpath is None:
+            return Skipped(str(path), "no mask with the same name")
+        raw, mraw = _read(path), _read(mpath)
+        if isinstance(raw, Skipped) or isinstance(mraw, Skipped):
+            return raw if isinstance(raw, Skipped) else mraw
+        return Sample(rel, raw, split, mask=mraw, path=str(path))
 
     def finalize(max_id: int) -> list[str]:
         return names if names else [f"class_{i}" for i in range(max_id + 1)]
 
-    return Source("segmentation", names or [], items(), {"images": str(image_dir), "masks": str(mask_dir)}, finalize)
+    return Source("segmentation", names or [], info={"images": str(image_dir), "masks": str(mask_dir)},
+                  finalize=finalize, refs=images, load=load)
 
 
 # ---------------------------------------------------------------------------------------------- webdataset
@@ -304,7 +320,8 @@ def webdataset(src: Path) -> Source:
     def finalize(max_id: int) -> list[str]:
         return names if names else [str(i) for i in range(max_id + 1)]
 
-    return Source("classification", names or [], items(), {"tars": [str(t) for t in tars]}, finalize)
+    return Source("classification", names or [], items(), {"tars": [str(t) for t in tars]}, finalize,
+                  size_hint=sum(t.stat().st_size for t in tars))
 
 
 # ------------------------------------------------------------------------------------------ sklearn-digits
@@ -314,12 +331,12 @@ def sklearn_digits() -> Source:
 
     digits = load_digits()
 
-    def items():
-        for i, (img, target) in enumerate(zip(digits.images, digits.target)):
-            pixels = np.clip(np.rint(img * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-            yield Sample(f"digits-{i:04d}", _png(pixels), None, label=int(target), path=f"sklearn:digits[{i}]")
+    def load(i: int) -> Sample:
+        pixels = np.clip(np.rint(digits.images[i] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+        return Sample(f"digits-{i:04d}", _png(pixels), None, label=int(digits.target[i]), path=f"sklearn:digits[{i}]")
 
-    return Source("classification", [str(i) for i in range(10)], items(), {"dataset": "sklearn.datasets.load_digits"})
+    return Source("classification", [str(i) for i in range(10)], info={"dataset": "sklearn.datasets.load_digits"},
+                  refs=list(range(len(digits.target))), load=load)
 
 
 def open_source(fmt: str, src: str, *, task: str | None = None, images: str | None = None,

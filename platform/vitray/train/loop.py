@@ -367,7 +367,7 @@ class _Worker:
             t_epoch0 = time.perf_counter()
             t_first = None
             for batch in shard.iter_torch_batches(batch_size=plan.micro_batch, drop_last=True, device=self.device,
-                                                  local_shuffle_buffer_size=max(4 * plan.micro_batch, 256),
+                                                  local_shuffle_buffer_size=self.loop_cfg["shuffle_buffer"] or None,
                                                   local_shuffle_seed=cfg.data.seed + 1000 * self.epoch + self.rank):
                 t_first = t_first or time.perf_counter()
                 if micro < skip or micro >= plan.micro_steps_per_epoch or self.global_step >= plan.total_steps:

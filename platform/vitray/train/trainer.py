@@ -141,6 +141,23 @@ def _register(cfg: RunConfig, result: "TrainResult", tracked, spec) -> None:
         print(f"[vitray] warning: {result.tracking_warning}", flush=True)
 
 
+def _warn_class_mix(cfg: RunConfig, spec) -> None:
+    """Shards whose class mix is far from their split's (packed in class order by an older vitray or another tool)
+    train badly whatever the read-time shuffle: say so before training, as `vitray data inspect` does."""
+    from vitray.data.class_mix import file_mixes, mix_warning, shard_mixes
+
+    if spec.format == "shards":
+        mixes = shard_mixes(cfg.data.path)
+    elif spec.format == "parquet" and spec.class_names:
+        mixes = file_mixes({cfg.data.train_split: spec.files.get(cfg.data.train_split, [])}, spec.task, spec.class_names)
+    else:
+        return
+    mixes = [x for x in mixes if x.split == cfg.data.train_split]
+    warning = mix_warning(mixes, f"{cfg.data.train_split} shards" if spec.format == "shards" else "Parquet files")
+    if warning:
+        print(f"[vitray] warning: {warning}", flush=True)
+
+
 def _data_config(cfg: RunConfig):
     """Ray Train's DataConfig, with two vitray rules: the val split is shared out *unequally* (equal=True would drop
     up to workers-1 images from every evaluation; only ZeRO-3, whose forward is a collective, needs equal shares),
@@ -190,7 +207,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vitray.data.pipeline import build_datasets, dataset_spec
+    from vitray.data.pipeline import build_datasets, dataset_spec, shuffle_buffer_rows
     from vitray.models.zoo import default_img_size
 
     from .loop import train_loop_per_worker
@@ -202,6 +219,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher", cfg.tracking.uri)
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
+    _warn_class_mix(cfg, spec)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
     run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_root(cfg)
@@ -250,6 +268,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         loop_cfg = {
             "config": cfg.model_dump(mode="json"), "plan": plan.as_dict(), "class_names": spec.class_names,
             "has_val": "val" in datasets, "export_dir": export_dir, "run_dir": run_dir,
+            "shuffle_buffer": shuffle_buffer_rows(cfg.data, img_size),
             "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,
             "init_checkpoint_uri": cfg.model.checkpoint, "teacher_checkpoint_uri": cfg.train.distillation.teacher,
             "resume_from": resume_from_checkpoint,
