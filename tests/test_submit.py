@@ -31,6 +31,9 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+HEAD: dict = {}  # the module head's GCS port, temp dir and ray binary, for tests that add a node to it
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     temp = tempfile.mkdtemp(prefix="vtr", dir="/tmp")  # short: Ray's socket paths must stay under 107 characters
@@ -45,6 +48,7 @@ def ray_head():
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""})
     address = f"http://127.0.0.1:{dash}"
+    HEAD.update(gcs=gcs, temp=temp, ray=ray, address=address)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -138,3 +142,89 @@ def test_jobs_stop_stops_a_running_job(ray_head, digits, tmp_path):
             break
         time.sleep(2)
     assert status.startswith("vitray-test-stop: STOPPED"), status
+
+
+# ------------------------------------------------------------------------------------------ resource planning
+def _starved_config(tmp_path: Path, digits: str) -> Path:
+    cfg = yaml.safe_load(_config(tmp_path, digits).read_text())
+    cfg["cluster"]["num_workers"] = 2  # 2 trainers x 1 CPU: every CPU of the 2-CPU head
+    cfg["tracking"] = {"enabled": False}  # with a second node (below), a sqlite file on this machine is refused
+    path = tmp_path / "two-workers.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_scoring_whose_actors_take_every_cpu_fails_fast(ray_head, digits, tmp_path):
+    import torch
+
+    from vitray.models import create_model
+    from vitray.models.export import save_export
+
+    arch = {"name": "vit_pico_patch4_28", "num_classes": 10, "img_size": 28, "pos_embed": "learned",
+            "global_pool": "token", "in_chans": 3}
+    torch.manual_seed(0)
+    model = create_model(arch["name"], num_classes=10)
+    export = save_export(tmp_path / "export", model.state_dict(), model=arch, task="classification",
+                         class_names=[str(i) for i in range(10)],
+                         preprocessing={"img_size": 28, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                                        "interpolation": "bicubic"})
+    cfg = {"score": {"model": str(export), "input": digits, "output": str(tmp_path / "preds"), "concurrency": 2},
+           "tracking": {"enabled": False}}
+    path = tmp_path / "score.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    t0 = time.monotonic()
+    res = run_cli("submit", str(path), "--address", ray_head, "--workload", "score", "--wait",
+                  "--submission-id", "vitray-test-score-starved", timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-3000:]
+    assert "2 predictor actors x 1 CPU reserve 2, which leaves 0 CPU for Ray Data" in out, out[-3000:]
+    assert "score.concurrency or score.cpus_per_actor" in out and "Traceback" not in out
+    assert time.monotonic() - t0 < 60  # the issue's bound: fails within a minute instead of hanging
+
+
+def test_training_that_takes_every_cpu_fails_fast_and_runs_with_a_third_cpu(ray_head, digits, tmp_path):
+    """The issue's case with Ray's own tools: `ray start --head --num-cpus=2`, 2 trainers x 1 CPU. vitray exits 1
+    within a minute with the numbers and the fields to change; after a 1-CPU worker node joins (the third CPU) the
+    same submission trains to the end."""
+    path = _starved_config(tmp_path, digits)
+    t0 = time.monotonic()
+    res = run_cli("submit", str(path), "--address", ray_head, "--wait", "--submission-id", "vitray-test-starved",
+                  timeout=300)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-3000:]
+    assert "[vitray] resources: cluster 2 CPU, 0 GPU (fixed size); 2 trainers x 1 CPU reserve 2 CPU; Ray Data gets " \
+           "0 CPU" in out, out[-3000:]
+    assert "leaves 0 CPU for Ray Data's read and decode tasks" in out
+    assert "Change cluster.num_workers or cluster.cpus_per_worker" in out and "Traceback" not in out
+    assert time.monotonic() - t0 < 60
+    agent, agent_grpc, env_agent, metrics = _free_ports(4)
+    node = subprocess.Popen(
+        [HEAD["ray"], "start", "--block", f"--address=127.0.0.1:{HEAD['gcs']}", "--node-ip-address=127.0.0.1",
+         "--num-cpus=1", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""})
+    try:
+        deadline = time.time() + 90
+        status = ""
+        while time.time() < deadline:
+            status = subprocess.run([HEAD["ray"], "status", f"--address=127.0.0.1:{HEAD['gcs']}"], capture_output=True,
+                                    text=True, env={**os.environ, "RAY_AUTH_MODE": "token"}).stdout
+            if "/3.0 CPU" in status:
+                break
+            assert node.poll() is None, "the worker node exited"
+            time.sleep(2)
+        else:
+            pytest.fail(f"the worker node did not join within 90 s: {status[-1000:]}")
+        res = run_cli("submit", str(path), "--address", ray_head, "--wait", "--submission-id", "vitray-test-3cpu",
+                      timeout=600)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-3000:]
+        assert "2 trainers x 1 CPU reserve 2 CPU; Ray Data gets 1 CPU" in out and "epoch 1/1 done" in out
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(20)

@@ -308,7 +308,8 @@ def cmd_score(args) -> int:
     score(sc.model, sc.input, sc.output, batch_size=sc.batch_size, concurrency=sc.concurrency, use_gpu=sc.use_gpu,
           precision=sc.precision, top_k=sc.top_k, fmt=sc.format, image_column=sc.image_column,
           files_per_unit=sc.files_per_unit, cpus_per_actor=sc.cpus_per_actor, max_pixels=sc.max_pixels,
-          tracking_cfg=cfg.tracking, overwrite=args.overwrite, address=args.address or cfg.cluster.address)
+          tracking_cfg=cfg.tracking, overwrite=args.overwrite, address=args.address or cfg.cluster.address,
+          resource_wait_s=cfg.cluster.resource_wait_s, stall_timeout_s=sc.stall_timeout_s)
     return 0
 
 
@@ -659,6 +660,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _find_cause(err: BaseException, kind: type) -> BaseException | None:
+    """``err`` or the first of its causes/contexts that is a ``kind``; Ray Train wraps worker errors, and a worker's
+    DataStallError reaches the driver as text inside them, so its message is recovered from there too."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        text = str(err)
+        if f"{kind.__name__}: " in text:
+            line = text[text.index(f"{kind.__name__}: ") + len(kind.__name__) + 2:].splitlines()[0]
+            return kind(line)
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def _run(func: Callable, args) -> int:
     from vitray.config import ConfigError
 
@@ -680,11 +697,17 @@ def _run(func: Callable, args) -> int:
         if isinstance(err, (CheckpointError, UnknownModelError, SourceError, ManifestError)):
             print(f"vitray: error: {err}", file=sys.stderr)
             return 2
+        from vitray.capacity import CapacityError
         from vitray.deploy.k8s import K8sError
         from vitray.deploy.ray_jobs import JobsError
         from vitray.tracking.runs import TrackingError
+        from vitray.watchdog import DataStallError
 
-        if isinstance(err, (TrackingError, JobsError, K8sError)):
+        stall = _find_cause(err, DataStallError)
+        if stall is not None:
+            print(f"vitray: failed: {stall}", file=sys.stderr)
+            return 1
+        if isinstance(err, (TrackingError, JobsError, K8sError, CapacityError)):
             print(f"vitray: failed: {err}", file=sys.stderr)
             return 1
         if "VITRAY_DEBUG" in __import__("os").environ:

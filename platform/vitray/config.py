@@ -96,6 +96,8 @@ class DataConfig(_Section):
     shuffle_buffer: int | None = Field(None, ge=0, description="rows each trainer mixes in a local shuffle buffer "
                                                                "(decoded images); default: what fits in 256 MB, "
                                                                "between 4 micro batches and 10,000 rows; 0: none")
+    cpus: float | None = Field(None, gt=0.0, description="CPUs Ray Data's read/decode tasks may use at once "
+                                                          "(its resource limit); default: what the trainers leave")
     seed: int = 0
 
 
@@ -163,6 +165,11 @@ class ClusterConfig(_Section):
     storage_path: str | None = Field(None, description="run storage; default <vitray home>/runs")
     run_name: str | None = None
     max_failures: int = Field(2, ge=-1)
+    resource_wait_s: float = Field(0.0, ge=0.0, description="a cluster that can grow (an autoscaler adds nodes): how "
+                                                             "long to wait for the resources this run reserves before "
+                                                             "failing; 0: a fixed-size cluster, fail at once")
+    stall_timeout_s: float = Field(300.0, ge=0.0, description="a trainer that waits this long for one batch fails the "
+                                                              "attempt with Ray's pending demands; 0 disables")
     checkpoints_to_keep: int | None = Field(2, gt=0)
     checkpoint_score_metric: str | None = "val/top1"
     checkpoint_score_mode: Literal["max", "min"] = "max"
@@ -268,6 +275,8 @@ class ScoreConfig(_Section):
     top_k: int = Field(5, gt=0)
     files_per_unit: int = Field(1024, gt=0, description="image folders: files per output part")
     max_pixels: int = Field(64_000_000, gt=0, description="larger images become error rows (decompression bombs)")
+    stall_timeout_s: float = Field(300.0, ge=0.0, description="no prediction batch for this long fails the job with "
+                                                              "Ray's pending demands; 0 disables")
 
 
 # ---------------------------------------------------------------------------------------------- kubernetes

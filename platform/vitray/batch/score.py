@@ -230,7 +230,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
           use_gpu: bool = False, precision: str = "auto", top_k: int = 5, fmt: str = "auto",
           image_column: str | None = None, files_per_unit: int = 1024, cpus_per_actor: float = 1.0,
           max_pixels: int = 64_000_000, tracking_cfg=None, overwrite: bool = False,
-          address: str | None = None) -> ScoreSummary:
+          address: str | None = None, resource_wait_s: float = 0.0, stall_timeout_s: float = 300.0) -> ScoreSummary:
     """Score ``input_path`` with ``model_uri`` into ``output`` (see the module docstring). Input and model problems
     raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts."""
     import tempfile
@@ -274,7 +274,8 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
     if pending:
         rows_now = _run_pipeline(pending, pin, meta, tracking_uri, out, batch_size=batch_size, concurrency=concurrency,
                                  use_gpu=use_gpu, precision=device_precision, top_k=top_k,
-                                 cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, address=address)
+                                 cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, address=address,
+                                 resource_wait_s=resource_wait_s, stall_timeout_s=stall_timeout_s)
     seconds = time.time() - t0
     rows, errors = _count_output(out)
     summary = ScoreSummary(str(out), rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
@@ -290,9 +291,13 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
 
 def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str, out: Path, *, batch_size: int,
                   concurrency: int, use_gpu: bool, precision: str, top_k: int, cpus_per_actor: float,
-                  max_pixels: int, address: str | None) -> int:
+                  max_pixels: int, address: str | None, resource_wait_s: float = 0.0,
+                  stall_timeout_s: float = 300.0) -> int:
     import ray
     import ray.data
+
+    from vitray.capacity import ensure_capacity, plan_resources
+    from vitray.watchdog import watched
 
     started = False
     ctx = saved_order = None
@@ -305,6 +310,13 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
                      _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
             started = True
     try:
+        # the predictor actors hold their CPUs for the whole job; the read/decode tasks need at least one more
+        what = f"{concurrency} predictor actor{'s' if concurrency > 1 else ''} x {cpus_per_actor:g} CPU" + (
+            " + 1 GPU" if use_gpu else "")
+        plan = plan_resources("score", what, concurrency * cpus_per_actor, concurrency if use_gpu else 0.0,
+                              fields=["score.concurrency", "score.cpus_per_actor"], grow_wait_s=resource_wait_s)
+        print(plan.line(), flush=True)
+        ensure_capacity(plan)
         ctx = ray.data.DataContext.get_current()
         saved_order = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = False  # units are regrouped by the driver: any order will do
@@ -324,7 +336,9 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
         parts: dict[str, list[dict]] = {}
         counts: dict[str, int] = {}
         written = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
+        for batch in watched(batches, stall_timeout_s, what="prediction batch",
+                             fields="score.concurrency or score.cpus_per_actor"):
             for key in np.unique(batch["unit"]):
                 sel = batch["unit"] == key
                 parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})

@@ -146,7 +146,14 @@ def chart_values(cfg: RunConfig, workload: str | None = None, tracking_uri: str 
     return values
 
 
+AUTOSCALING_RESOURCE_WAIT_S = 600.0  # a new GPU node (pod scheduled, image pulled, Ray started) takes minutes
+
+
 def _job_config(cfg: RunConfig) -> dict:
     """The resolved run config the job reads, every field written out (the image's vitray parses it with the same
     schema; no default of another version can slip in). The kubernetes section stays with the submitter."""
-    return cfg.model_dump(mode="json", exclude={"kubernetes"})
+    data = cfg.model_dump(mode="json", exclude={"kubernetes"})
+    if cfg.kubernetes.autoscaling and not cfg.cluster.resource_wait_s:
+        # KubeRay's autoscaler adds worker pods on demand: give it time before a plan that does not fit yet fails
+        data["cluster"]["resource_wait_s"] = AUTOSCALING_RESOURCE_WAIT_S
+    return data

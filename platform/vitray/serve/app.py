@@ -225,6 +225,24 @@ def current_versions() -> dict[str, str | None]:
     return serve.get_app_handle(APP_NAME).versions.remote().result(timeout_s=60)
 
 
+def _ensure_capacity(cfg: RunConfig) -> None:
+    """The replicas' reservation at min_replicas (autoscaling adds more only where there is room) against the
+    cluster: a deployment whose replicas can never be placed would wait forever, so it fails here instead."""
+    from vitray.capacity import ensure_capacity, plan_resources
+
+    sc = cfg.serve
+    replicas = [(d.get("num_replicas") or sc.min_replicas or 1, d["ray_actor_options"]) for d in plan(sc)]
+    cpus = sum(n * o.get("num_cpus", 0) for n, o in replicas)
+    gpus = sum(n * o.get("num_gpus", 0) for n, o in replicas)
+    what = " + ".join(f"{n} {d['name']} replica{'s' if n > 1 else ''} x {o.get('num_cpus', 0):g} CPU"
+                      for (n, o), d in zip(replicas, plan(sc)))
+    rplan = plan_resources("serve", what, cpus, gpus, needs_data=False, grow_wait_s=cfg.cluster.resource_wait_s,
+                           fields=["serve.min_replicas", "serve.cpus_per_replica", "serve.gpus_per_replica",
+                                   "serve.ingress_cpus"])
+    print(rplan.line(), flush=True)
+    ensure_capacity(rplan)
+
+
 def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
     """``vitray serve``: a local Ray instance (or ``address``), Serve on host:port, the app deployed."""
     import signal
@@ -247,6 +265,7 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
             ray.init(address=address, log_to_driver=False)
         else:
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    _ensure_capacity(cfg)
     t0 = time.time()
     pins, metas = deploy(cfg, tracking_uri, pins=pins, metas=metas)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}"

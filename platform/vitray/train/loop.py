@@ -317,6 +317,19 @@ class _Worker:
         self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
         return metrics
 
+    def _watched(self, shard, batches):
+        """The batches, failing the attempt (DataStallError, printed by rank 0) when one takes longer than
+        cluster.stall_timeout_s to arrive: a starved pipeline ends with Ray's pending demands, not a silent hang."""
+        from vitray.watchdog import DataStallError, watched
+
+        try:
+            yield from watched(batches, self.cfg.cluster.stall_timeout_s, pipeline_state=shard.stats,
+                               fields="cluster.num_workers or cluster.cpus_per_worker, or data.cpus")
+        except DataStallError as err:
+            if self.is_rank0:
+                print(f"[vitray] {err}", flush=True)
+            raise
+
     def _evaluate_pass(self, pictures: int = 0) -> dict[str, float]:
         import ray.train
 
@@ -329,8 +342,8 @@ class _Worker:
         sums = dict.fromkeys(task.eval_keys, 0.0)
         skipped = 0
         with torch.no_grad():
-            for batch in shard.iter_torch_batches(batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size,
-                                                  device=self.device):
+            for batch in self._watched(shard, shard.iter_torch_batches(
+                    batch_size=self.cfg.data.eval_batch_size or self.cfg.data.batch_size, device=self.device)):
                 ok = batch.pop("ok")
                 skipped += int((~ok).sum())
                 batch = {k: v[ok] for k, v in batch.items()}
@@ -366,9 +379,10 @@ class _Worker:
             epoch_skipped = 0
             t_epoch0 = time.perf_counter()
             t_first = None
-            for batch in shard.iter_torch_batches(batch_size=plan.micro_batch, drop_last=True, device=self.device,
-                                                  local_shuffle_buffer_size=self.loop_cfg["shuffle_buffer"] or None,
-                                                  local_shuffle_seed=cfg.data.seed + 1000 * self.epoch + self.rank):
+            for batch in self._watched(shard, shard.iter_torch_batches(
+                    batch_size=plan.micro_batch, drop_last=True, device=self.device,
+                    local_shuffle_buffer_size=self.loop_cfg["shuffle_buffer"] or None,
+                    local_shuffle_seed=cfg.data.seed + 1000 * self.epoch + self.rank)):
                 t_first = t_first or time.perf_counter()
                 if micro < skip or micro >= plan.micro_steps_per_epoch or self.global_step >= plan.total_steps:
                     micro += 1  # resume position, leftover rows: consumed, not trained on

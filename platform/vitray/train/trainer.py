@@ -141,6 +141,22 @@ def _register(cfg: RunConfig, result: "TrainResult", tracked, spec) -> None:
         print(f"[vitray] warning: {result.tracking_warning}", flush=True)
 
 
+def _plan_resources(cfg: RunConfig):
+    """What the trainers reserve and what is left for Ray Data, printed; fails fast (CapacityError, exit 1) when the
+    trainers would take every CPU (or more GPUs than there are) and the cluster will not grow in time."""
+    from vitray.capacity import ensure_capacity, plan_resources
+
+    c = cfg.cluster
+    gpus = c.num_workers * c.gpus_per_worker if c.use_gpu else 0.0
+    what = (f"{c.num_workers} trainer{'s' if c.num_workers > 1 else ''} x {c.cpus_per_worker:g} CPU"
+            + (f" + {c.gpus_per_worker:g} GPU" if c.use_gpu else ""))
+    fields = ["cluster.num_workers", "cluster.cpus_per_worker"] + (["cluster.gpus_per_worker"] if c.use_gpu else [])
+    plan = plan_resources("train", what, c.num_workers * c.cpus_per_worker, gpus, fields=fields,
+                          grow_wait_s=c.resource_wait_s, data_cpus=cfg.data.cpus)
+    print(plan.line(), flush=True)
+    return ensure_capacity(plan)
+
+
 def _warn_class_mix(cfg: RunConfig, spec) -> None:
     """Shards whose class mix is far from their split's (packed in class order by an older vitray or another tool)
     train badly whatever the read-time shuffle: say so before training, as `vitray data inspect` does."""
@@ -158,10 +174,12 @@ def _warn_class_mix(cfg: RunConfig, spec) -> None:
         print(f"[vitray] warning: {warning}", flush=True)
 
 
-def _data_config(cfg: RunConfig):
+def _data_config(cfg: RunConfig, data_cpus: float | None = None):
     """Ray Train's DataConfig, with two vitray rules: the val split is shared out *unequally* (equal=True would drop
     up to workers-1 images from every evaluation; only ZeRO-3, whose forward is a collective, needs equal shares),
-    and ``data.shuffle: false`` keeps the stream order (Ray Train's ingest options would otherwise reset it)."""
+    and ``data.shuffle: false`` keeps the stream order (Ray Train's ingest options would otherwise reset it).
+    ``data_cpus``: Ray Data's CPU limit, set explicitly (``data.cpus``, or on a fixed-size cluster what the trainers
+    leave: the same as Ray Train's own exclusion of their reservation, but stated)."""
     from ray.train import DataConfig
 
     class VitrayDataConfig(DataConfig):
@@ -180,10 +198,12 @@ def _data_config(cfg: RunConfig):
             return out
 
     options = None
-    if not cfg.data.shuffle:
+    if not cfg.data.shuffle or data_cpus:
         opts = DataConfig.default_ingest_options()
-        opts.preserve_order = True
-        options = {"train": opts}
+        opts.preserve_order = not cfg.data.shuffle
+        if data_cpus:
+            opts.resource_limits = opts.resource_limits.copy(cpu=data_cpus)
+        options = {"train": opts, "val": opts}
     return VitrayDataConfig(execution_options=options)
 
 
@@ -252,6 +272,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
                 raise ConfigError(f"tracking.uri: {tracked.tracking_uri} is a file on this machine, but the Ray cluster "
                                   f"has {len(nodes)} nodes; point tracking.uri (or MLFLOW_TRACKING_URI) at an MLflow "
                                   "server the workers can reach")
+        rplan = _plan_resources(cfg)
         spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec)
         train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
         _maybe_materialize_val(datasets, spec, cfg, img_size)
@@ -293,7 +314,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
                                          resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
             datasets=datasets,
-            dataset_config=_data_config(cfg),
+            dataset_config=_data_config(cfg, cfg.data.cpus or (rplan.data_cpus if not cfg.cluster.resource_wait_s
+                                                                else None)),
             run_config=RayRunConfig(
                 name=run_name, storage_path=storage,
                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
