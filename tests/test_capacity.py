@@ -74,7 +74,8 @@ def test_watched_passes_items_and_errors_through_and_raises_on_a_stall():
     assert got == ["a"] and time.monotonic() - t0 < 10
     msg = str(err.value)
     assert "data stall: no batch arrived for 0.5 s (after 1 batch)" in msg
-    assert "pipeline: MapBatches(decode): 0/8 tasks | queued 8" in msg and "change cluster.num_workers" in msg
+    assert "change cluster.num_workers" in msg
+    assert err.value.details == "pipeline: MapBatches(decode): 0/8 tasks | queued 8"
 
 
 @pytest.mark.slow
@@ -111,5 +112,18 @@ def test_training_whose_decode_tasks_never_get_a_cpu_fails_with_the_stall_messag
             ray.kill(h)
     text = str(err.value)
     assert "data stall: no batch arrived" in text and "before the first batch" in text, text[-2000:]
-    assert "CPU free" in text and "pending demands" in text
+    assert "Ray: cluster 0/4 CPU and 0/0 GPU free; pending demands: {'CPU': 1.0}" in text, text[-2000:]
     assert elapsed < 180, elapsed  # liveness: it ended (15 s of stall + start-up), it did not hang
+
+
+def test_serve_replicas_that_cannot_be_placed_fail_before_deploying(ray_cluster, capsys):
+    from vitray.config import parse_config
+    from vitray.serve.app import _ensure_capacity
+
+    models = [{"name": f"m{i}", "uri": f"models:/m{i}@champion"} for i in range(5)]
+    cfg = parse_config({"serve": {"models": models, "cpus_per_replica": 1, "ingress_cpus": 0.5}})
+    with pytest.raises(CapacityError) as err:
+        _ensure_capacity(cfg)  # the session cluster has 4 CPUs: 0.5 + 5 x 1 do not fit
+    assert "reserve 5.5 CPU but the cluster has 4" in str(err.value) and "serve.min_replicas" in str(err.value)
+    assert "1 ingress replica x 0.5 CPU + 1 classifier-m0 replica x 1 CPU" in capsys.readouterr().out
+    _ensure_capacity(parse_config({"serve": {"models": models[:2], "cpus_per_replica": 1}}))  # 2.5 of 4: fine

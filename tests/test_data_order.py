@@ -103,13 +103,32 @@ def test_inspect_shows_each_shards_mix_and_warns_on_class_sorted_shards(tmp_path
     assert res.stdout.count("distance") >= 6
 
 
-def _sorted_parquet(path: Path, n_per_class: int = 120) -> None:
+def test_train_warns_before_training_on_class_sorted_shards_and_parquet_files(tmp_path, capsys):
+    from vitray.config import parse_config
+    from vitray.data.pipeline import dataset_spec
+    from vitray.train.trainer import _warn_class_mix
+
+    make_digits_folder(tmp_path / "src", bad=0)
+    pack(str(tmp_path / "src"), str(tmp_path / "kept"), "imagefolder", shard_rows=300, progress=False, shuffle=False)
+    pack(str(tmp_path / "src"), str(tmp_path / "shuf"), "imagefolder", shard_rows=300, progress=False)
+    (tmp_path / "pq").mkdir()
+    _sorted_parquet(tmp_path / "pq" / "train-a.parquet", n_per_class=30, classes=range(0, 5))
+    _sorted_parquet(tmp_path / "pq" / "train-b.parquet", n_per_class=30, classes=range(5, 10))
+    (tmp_path / "pq" / "classes.txt").write_text("\n".join(str(i) for i in range(10)))
+    for path, fmt, warned in (("kept", "shards", True), ("shuf", "shards", False), ("pq", "parquet", True)):
+        cfg = parse_config({"data": {"path": str(tmp_path / path), "format": fmt}})
+        _warn_class_mix(cfg, dataset_spec(cfg.data))
+        out = capsys.readouterr().out
+        assert ("[vitray] warning:" in out and "far from their split's" in out) == warned, (path, out)
+
+
+def _sorted_parquet(path: Path, n_per_class: int = 120, classes=range(10)) -> None:
     """One Parquet file of digits sorted by class: what another tool (or a pandas groupby) writes."""
     images, labels = digits_images()
     from PIL import Image
 
     rows = []
-    for c in range(10):
+    for c in classes:
         for i in np.flatnonzero(labels == c)[:n_per_class]:
             rows.append({"image": encode(Image.fromarray(images[i], "L")), "label": c})
     pq.write_table(pa.Table.from_pylist(rows), path)

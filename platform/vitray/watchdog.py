@@ -21,7 +21,12 @@ _END = object()
 
 
 class DataStallError(RuntimeError):
-    """No batch arrived for the configured time. The message says what Ray was waiting for."""
+    """No batch arrived for the configured time. The message says what Ray was waiting for (kept short: Ray Train
+    shows only part of a worker's error); ``details`` adds the pipeline's state for the log line."""
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
 
 
 class _Failed:
@@ -63,7 +68,8 @@ def watched(items: Iterable[T], stall_s: float | None, *, what: str = "batch",
             try:
                 item = q.get(timeout=stall_s)
             except queue.Empty:
-                raise DataStallError(_message(what, n, time.monotonic() - t0, pipeline_state, fields)) from None
+                raise DataStallError(_message(what, n, time.monotonic() - t0, fields),
+                                     _pipeline(pipeline_state)) from None
             if item is _END:
                 return
             if isinstance(item, _Failed):
@@ -74,18 +80,21 @@ def watched(items: Iterable[T], stall_s: float | None, *, what: str = "batch",
         stop.set()
 
 
-def _message(what: str, n: int, waited: float, pipeline_state, fields: str) -> str:
+def _message(what: str, n: int, waited: float, fields: str) -> str:
     from vitray.capacity import cluster_diagnosis
 
     plural = what + ("es" if what.endswith("h") else "s") if n != 1 else what
     where = f"after {n} {plural}" if n else f"before the first {what}"
     text = f"data stall: no {what} arrived for {round(waited, 1):g} s ({where}). Ray: {cluster_diagnosis()}"
-    if pipeline_state is not None:
-        try:
-            state = pipeline_state().strip()
-            if state:
-                text += "; pipeline: " + " | ".join(line.strip() for line in state.splitlines()[:8] if line.strip())
-        except Exception:  # noqa: BLE001 - the diagnosis is best effort
-            pass
     return text + (f". If the data tasks have no CPU, change {fields}; if they are just slow, raise the "
                    "stall timeout" if fields else "")
+
+
+def _pipeline(pipeline_state) -> str:
+    if pipeline_state is None:
+        return ""
+    try:
+        state = " | ".join(line.strip() for line in pipeline_state().splitlines()[:6] if line.strip())
+    except Exception:  # noqa: BLE001 - the diagnosis is best effort
+        return ""
+    return f"pipeline: {state[:400]}" if state else ""

@@ -327,7 +327,7 @@ class _Worker:
                                fields="cluster.num_workers or cluster.cpus_per_worker, or data.cpus")
         except DataStallError as err:
             if self.is_rank0:
-                print(f"[vitray] {err}", flush=True)
+                print(f"[vitray] {err}" + (f"; {err.details}" if err.details else ""), flush=True)
             raise
 
     def _evaluate_pass(self, pictures: int = 0) -> dict[str, float]:
