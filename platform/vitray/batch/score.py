@@ -327,7 +327,7 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
         ds = ds.map_batches(_read_units, batch_size=1, max_retries=3)
         ds = ds.map_batches(_prepare, batch_size=batch_size, max_retries=3,
                             fn_kwargs={"preprocessing": meta["preprocessing"], "max_pixels": max_pixels})
-        ds = ds.map_batches(Scorer, batch_size=batch_size, concurrency=concurrency,
+        ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
                             num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
                             fn_constructor_kwargs={"model_uri": pin["uri"], "tracking_uri": tracking_uri,
                                                    "precision": precision, "top_k": top_k, "use_gpu": use_gpu})
