@@ -95,7 +95,7 @@ class DataConfig(_Section):
                                             "(reproducible runs), mixed only by the seeded local shuffle buffer")
     shuffle_buffer: int | None = Field(None, ge=0, description="rows each trainer mixes in a local shuffle buffer "
                                                                "(decoded images); default: what fits in 256 MB, "
-                                                               "between 4 micro batches and 10,000 rows; 0: none")
+                                                               "between 4 micro batches and 4,096 rows; 0: none")
     cpus: float | None = Field(None, gt=0.0, description="CPUs Ray Data's read/decode tasks may use at once "
                                                           "(its resource limit); default: what the trainers leave")
     seed: int = 0

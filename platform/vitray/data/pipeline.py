@@ -169,12 +169,12 @@ DECODE_BATCH = 128
 
 
 SHUFFLE_BUFFER_BYTES = 256 << 20  # decoded images a trainer's local shuffle buffer may hold by default
-MAX_SHUFFLE_BUFFER_ROWS = 10_000
+MAX_SHUFFLE_BUFFER_ROWS = 4096  # a trainer yields nothing until its buffer is full: at every epoch start
 
 
 def shuffle_buffer_rows(data_cfg, img_size: int) -> int:
     """Rows in each trainer's local shuffle buffer: ``data.shuffle_buffer``, or what fits in 256 MB of decoded
-    uint8 images, at least 4 micro batches and at most 10,000 rows (28-32 px images: 10,000; 224 px: 1,741)."""
+    uint8 images, at least 4 micro batches and at most 4,096 rows (28-32 px images: 4,096; 224 px: 1,741)."""
     if data_cfg.shuffle_buffer is not None:
         return data_cfg.shuffle_buffer
     fits = SHUFFLE_BUFFER_BYTES // (3 * img_size * img_size)
