@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from vitray.console import VERBOSE_ENV
+
 __all__ = ["main", "UsageError"]
 
 
@@ -188,11 +190,18 @@ def cmd_data_pack(args) -> int:
              shard_rows=args.shard_rows, shard_bytes=args.shard_bytes, max_pixels=args.max_pixels,
              overwrite=args.overwrite, task=args.task, images=args.images, masks_dir=args.masks, workers=args.workers,
              shuffle=not args.keep_order, seed=args.seed)
+    from vitray import console
+    from vitray.data.pack import LOG_DIR
+
     total = sum(m.counts.values())
     splits = ", ".join(f"{s} {n:,}" for s, n in m.counts.items())
-    print(f"packed {total:,} images ({splits}) into {len(m.shards)} shards in {args.out} "
-          f"[{m.task}, {m.num_classes} classes] in {m.source['seconds']:.1f}s")
-    print(f"skipped {len(m.skipped)} file(s)" + (" (vitray data inspect lists them with reasons)" if m.skipped else ""))
+    console.say(f"[vitray] packed {total:,} images ({splits}) into {len(m.shards)} shards in {args.out} "
+                f"[{m.task}, {m.num_classes} classes] in {m.source['seconds']:.1f}s")
+    console.say(f"[vitray] skipped {len(m.skipped)} file(s)"
+                + (" (vitray data inspect lists them with reasons)" if m.skipped else ""))
+    with console.log_to(Path(args.out) / LOG_DIR / f"pack-{__import__('time').strftime('%Y%m%d-%H%M%S')}.log") as log:
+        if log is not None:
+            console.say(f"[vitray] log: {log}")
     return 0
 
 
@@ -311,6 +320,20 @@ def cmd_score(args) -> int:
           tracking_cfg=cfg.tracking, overwrite=args.overwrite, address=args.address or cfg.cluster.address,
           resource_wait_s=cfg.cluster.resource_wait_s, stall_timeout_s=sc.stall_timeout_s)
     return 0
+
+
+def cmd_ui(args) -> int:
+    from vitray.tracking import default_tracking_uri
+    from vitray.tracking.ui import run_ui
+
+    uri = args.tracking_uri
+    if not uri and args.config:
+        uri = _load(args, check=False).tracking.uri
+    if not uri and args.home:
+        from vitray.quickstart import _home_store
+
+        uri = _home_store(args.home)
+    return run_ui(default_tracking_uri(uri), port=args.port)
 
 
 def cmd_quickstart(args) -> int:
@@ -472,14 +495,33 @@ def build_parser() -> argparse.ArgumentParser:
     from vitray import __version__
 
     parser.add_argument("--version", action="version", version=f"vitray {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", default=False,
+                        help=f"show Ray's, DeepSpeed's and MLflow's own logs on the console too (or ${VERBOSE_ENV}=1); "
+                             "they always go to the run's log file")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    def captured(p, name: str):
+        """A command whose output goes through vitray.console: quiet console, complete log file."""
+        p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                       help="library logs on the console too (they always go to the log file)")
+        p.set_defaults(capture=name)
 
     p = sub.add_parser("quickstart", help="end-to-end demo on the embedded defaults (local Ray, sqlite MLflow, bundled data)")
     p.add_argument("--home", default=None, help="where the demo writes (default: $VITRAY_HOME or ~/.vitray)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the quickstart config")
     p.set_defaults(func=cmd_quickstart)
+    captured(p, "quickstart")
+
+    p = sub.add_parser("ui", help="the MLflow UI on the store vitray logs to (127.0.0.1), with the latest run's URL")
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="?", help="optional config: its tracking.uri")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="default: tracking.uri of the config, "
+                   "$MLFLOW_TRACKING_URI, else the embedded sqlite store")
+    p.add_argument("--home", default=None, help="the store of `vitray quickstart --home DIR`")
+    p.add_argument("--port", type=int, default=5000, help="default 5000 (any free port when it is taken)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("config", help="validate a config and print it resolved (every default filled in) as YAML")
     _add_config_args(p)
@@ -492,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: a local Ray)")
     p.add_argument("--resume", default=None, metavar="RUN", help="resume run RUN (its name in the run storage) from its latest checkpoint")
     p.set_defaults(func=cmd_train)
+    captured(p, "train")
 
     p = sub.add_parser("serve", help="serve models over HTTP with Ray Serve; `serve reload` after an alias moves; "
                                      "`serve config` renders a Serve config file (serve deploy, RayService)",
@@ -513,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set serve.max_batch_size=32")
     p.set_defaults(func=cmd_serve)
+    captured(p, "serve")
 
     p = sub.add_parser("score", help="batch-score images with a model on Ray Data into Parquet (exactly once; "
                                      "a rerun finishes an interrupted job)")
@@ -538,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_score)
+    captured(p, "score")
 
     def cluster_args(p):
         p.add_argument("--address", default=None, help="the job server, http://HEAD:8265 (default $RAY_ADDRESS, "
@@ -618,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "shuffled: a class-sorted folder packed in order trains badly)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
     p.set_defaults(func=cmd_data_pack)
+    captured(p, "pack")
     p = data.add_parser("inspect", help="counts per split and class, skipped files, sizes")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 and row count")
@@ -676,11 +722,29 @@ def _find_cause(err: BaseException, kind: type) -> BaseException | None:
     return None
 
 
+def _captured(func: Callable, args) -> int:
+    """``func`` inside vitray.console's capture when the command is one of the captured ones."""
+    name = getattr(args, "capture", None)
+    if not name:
+        return int(func(args) or 0)
+    from vitray import console
+
+    with console.capture(name, getattr(args, "verbose", False)):
+        return int(func(args) or 0)
+
+
+def _log_hint() -> str:
+    from vitray.console import last_log
+
+    path = last_log()
+    return f" (full log: {path})" if path else ""
+
+
 def _run(func: Callable, args) -> int:
     from vitray.config import ConfigError
 
     try:
-        return int(func(args) or 0)
+        return _captured(func, args)
     except (ConfigError, UsageError) as err:
         print(f"vitray: error: {err}", file=sys.stderr)
         return 2
@@ -703,16 +767,20 @@ def _run(func: Callable, args) -> int:
         from vitray.tracking.runs import TrackingError
         from vitray.watchdog import DataStallError
 
+        from vitray.tracking.ui import UiError
+
         stall = _find_cause(err, DataStallError)
         if stall is not None:
-            print(f"vitray: failed: {stall}", file=sys.stderr)
+            print(f"vitray: failed: {stall}{_log_hint()}", file=sys.stderr)
             return 1
-        if isinstance(err, (TrackingError, JobsError, K8sError, CapacityError)):
-            print(f"vitray: failed: {err}", file=sys.stderr)
+        if isinstance(err, (TrackingError, JobsError, K8sError, CapacityError, UiError)):
+            print(f"vitray: failed: {err}{_log_hint()}", file=sys.stderr)
             return 1
         if "VITRAY_DEBUG" in __import__("os").environ:
             raise
-        print(f"vitray: failed: {type(err).__name__}: {err} (set VITRAY_DEBUG=1 for the traceback)", file=sys.stderr)
+        hint = _log_hint()
+        print(f"vitray: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+              f"{hint or ' (set VITRAY_DEBUG=1 for the traceback)'}", file=sys.stderr)
         return 1
 
 

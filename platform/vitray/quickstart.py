@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 
 from vitray.config import dump_config, load_config, vitray_home
+from vitray.console import log_to, say
 
 __all__ = ["run_quickstart", "quickstart_config_path"]
 
@@ -20,14 +21,19 @@ def quickstart_config_path() -> Path:
 
 
 def _stage(n: int, title: str) -> float:
-    print(f"\n[{n}] {title}", flush=True)
+    say(f"\n[{n}] {title}")
     return time.perf_counter()
 
 
 def run_quickstart(home: str | None = None, overrides: list[str] | None = None) -> int:
-    t_start = time.perf_counter()
     root = (Path(home).expanduser() if home else vitray_home()) / "quickstart"
     root.mkdir(parents=True, exist_ok=True)
+    with log_to(root / "logs" / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}.log") as log_path:
+        return _stages(root, home, overrides, log_path)
+
+
+def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path: Path | None) -> int:
+    t_start = time.perf_counter()
     summary: list[tuple[str, str]] = []
 
     t = _stage(1, "config: embedded defaults, resolved")
@@ -37,7 +43,7 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     check_config(cfg)
     cfg_path = root / "config.yaml"
     dump_config(cfg, cfg_path)
-    print(f"    resolved config -> {cfg_path} ({time.perf_counter() - t:.1f}s)")
+    say(f"    resolved config -> {cfg_path} ({time.perf_counter() - t:.1f}s)")
     summary.append(("resolved config", str(cfg_path)))
 
     t = _stage(2, "data: pack scikit-learn's bundled digits into shards")
@@ -47,7 +53,7 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     manifest = pack("-", str(shards), "sklearn-digits", val_fraction=0.1, overwrite=True, progress=False)
     cfg.data.path = str(shards)
     dump_config(cfg, cfg_path)
-    print(f"    {sum(manifest.counts.values()):,} images ({', '.join(f'{k} {v}' for k, v in manifest.counts.items())}) "
+    say(f"    {sum(manifest.counts.values()):,} images ({', '.join(f'{k} {v}' for k, v in manifest.counts.items())}) "
           f"in {len(manifest.shards)} shards -> {shards} ({time.perf_counter() - t:.1f}s)")
     summary.append(("shards", str(shards)))
 
@@ -56,7 +62,7 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     from vitray.train import run_training
 
     if home and cfg.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):  # everything under --home
-        cfg.tracking.uri = f"sqlite:///{(Path(home).expanduser().resolve() / 'mlflow' / 'mlflow.db')}"
+        cfg.tracking.uri = _home_store(home)
     if cfg.cluster.storage_path is None:
         cfg.cluster.storage_path = str(root / "runs")
     cfg.cluster.run_name = f"{cfg.cluster.run_name or 'quickstart'}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -65,7 +71,7 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
     started_ray = init_ray(None, _local_cpus(cfg))  # owned here: training leaves it up for the serving stage
     result = run_training(cfg)
     top1 = result.metrics.get("val/top1")
-    print(f"    val top-1 {top1:.3f} after {result.metrics.get('step')} optimizer steps ({result.seconds:.0f}s)")
+    say(f"    val top-1 {top1:.3f} after {result.metrics.get('step')} optimizer steps ({result.seconds:.0f}s)")
     summary.append(("run storage", result.run_dir))
     summary.append(("exported model", result.export_dir))
     summary.append(("metrics log", f"{result.run_dir}/metrics.jsonl"))
@@ -77,13 +83,13 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
 
     model, meta = load_export(result.export_dir)
     acc, n = evaluate_export(model, meta, str(shards), split=cfg.data.val_split)
-    print(f"    {n} val images, top-1 {acc:.3f} from {meta['model']['name']} with classes "
+    say(f"    {n} val images, top-1 {acc:.3f} from {meta['model']['name']} with classes "
           f"{', '.join(meta['class_names'])} ({time.perf_counter() - t:.1f}s)")
 
     t = _stage(5, "MLflow: the run, the registered version and its alias; load it back as an MLflow pyfunc")
     reg = result.registration
     if reg is None or not reg.version:
-        print(f"    not registered: {result.tracking_warning or 'tracking disabled'}")
+        say(f"    not registered: {result.tracking_warning or 'tracking disabled'}")
     else:
         from .tracking import default_tracking_uri
         from .tracking.registry import model_versions
@@ -95,46 +101,73 @@ def run_quickstart(home: str | None = None, overrides: list[str] | None = None) 
 
         with tracking_scope(default_tracking_uri(cfg.tracking.uri)):
             agree, n = _pyfunc_agrees(reg.registry_uri, result.export_dir, str(shards), cfg.data.val_split)
-        print(f"    {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})")
-        print(f"    mlflow.pyfunc.load_model('{reg.registry_uri}') on {n} val images: top-1 {agree['top1']:.3f}, "
+        say(f"    {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})")
+        say(f"    mlflow.pyfunc.load_model('{reg.registry_uri}') on {n} val images: top-1 {agree['top1']:.3f}, "
               f"max |p - p_export| {agree['max_abs_diff']:.1e} ({time.perf_counter() - t:.1f}s)")
         from .tracking.uris import client_for
 
         versions = model_versions(client_for(default_tracking_uri(cfg.tracking.uri)), reg.name)
-        print(f"    {len(versions)} version(s) of {reg.name}; browse with `vitray models show {reg.name}` or "
-              f"`mlflow ui --backend-store-uri {default_tracking_uri(cfg.tracking.uri)}`")
+        say(f"    {len(versions)} version(s) of {reg.name}; list them with `vitray models show {reg.name}`")
 
     t = _stage(6, "score: every packed image through the registered model with Ray Data, into Parquet")
     if reg is None or not reg.version:
-        print("    skipped: no registered model")
+        say("    skipped: no registered model")
     else:
         from .batch import score
 
         scored = score(f"models:/{reg.name}@{reg.alias}", str(shards), str(root / "predictions"),
                        batch_size=256, tracking_cfg=cfg.tracking, overwrite=True)
-        print(f"    {scored.rows:,} rows ({scored.error_rows} errors) -> {scored.output} at {scored.images_per_s:.0f} img/s "
+        say(f"    {scored.rows:,} rows ({scored.error_rows} errors) -> {scored.output} at {scored.images_per_s:.0f} img/s "
               f"({time.perf_counter() - t:.1f}s; MLflow run {scored.mlflow_run_id})")
         summary.append(("predictions", scored.output))
 
     t = _stage(7, "serve: the registered model behind Ray Serve on 127.0.0.1, one HTTP request")
     if reg is None or not reg.version:
-        print("    skipped: no registered model")
+        say("    skipped: no registered model")
     else:
         url, label, body, precision = _serve_one(cfg, f"models:/{reg.name}@{reg.alias}", str(shards),
                                                  cfg.data.val_split)
         top = body["predictions"][0]
-        print(f"    POST {url} with a val image of a {label!r} -> {top['name']!r} (p={top['score']:.3f}) from "
+        say(f"    POST {url} with a val image of a {label!r} -> {top['name']!r} (p={top['score']:.3f}) from "
               f"{body['model']} v{body['version']} @{body['alias']}, {precision} ({time.perf_counter() - t:.1f}s)")
-        print(f"    serve it yourself: vitray serve --model models:/{reg.name}@{reg.alias}")
+        say(f"    serve it yourself: vitray serve --model models:/{reg.name}@{reg.alias}")
     if started_ray:
         import ray
 
         ray.shutdown()
 
-    print(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
+    if log_path is not None:
+        summary.append(("log", str(log_path)))
+    say(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
     for what, where in summary:
-        print(f"  {what:<18} {where}")
+        say(f"  {what:<18} {where}")
+    if reg is not None and reg.version:
+        from .tracking.ui import run_url
+
+        from .tracking import default_tracking_uri
+
+        uri = default_tracking_uri(cfg.tracking.uri)
+        ui = "vitray ui" if uri == default_tracking_uri(None) else (
+            f"vitray ui --home {home}" if home and uri == _home_store(home) else f"vitray ui --tracking-uri {uri}")
+        exp = _experiment_id(cfg, result.mlflow_run_id)
+        say(f"see the run's curves and confusion matrix: {ui}, then open "
+            f"{run_url('http://127.0.0.1:5000', exp, result.mlflow_run_id) if exp else 'the URL it prints'}")
     return 0
+
+
+def _home_store(home: str) -> str:
+    """The MLflow store of ``--home DIR`` (``vitray ui --home DIR`` opens the same)."""
+    return f"sqlite:///{(Path(home).expanduser().resolve() / 'mlflow' / 'mlflow.db')}"
+
+
+def _experiment_id(cfg, run_id: str | None) -> str | None:
+    from .tracking import default_tracking_uri
+    from .tracking.uris import client_for
+
+    try:
+        return client_for(default_tracking_uri(cfg.tracking.uri)).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - the line then names the command only
+        return None
 
 
 def _pyfunc_agrees(model_uri: str, export_dir: str, shards: str, split: str) -> tuple[dict, int]:

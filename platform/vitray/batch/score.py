@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from vitray import console
+
 from .inputs import InputError, ScoreInput, Unit, discover, read_unit
 
 __all__ = ["score", "ScoreSummary", "output_schema", "JOB_FILE", "SUMMARY_FILE"]
 
 JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
+LOG_DIR = "_logs"  # the complete log of each run into this output (readers of the Parquet skip "_" names)
 
 
 def output_schema(top_k: int):
@@ -247,46 +250,50 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
     if out.exists() and not out.is_dir():
         raise InputError(f"output {output}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite)
-    pin = job["model"]
-    with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
-        folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
-        meta, digest = read_export_meta(folder), _export_digest(folder)
-    if not pin.get("digest"):  # first run: the weights this output is scored with
-        pin["digest"] = digest
-        _write_json(out / JOB_FILE, job)
-    elif pin["digest"] != digest:
-        raise InputError(f"model {pin['uri']} is not the model this output was started with (its files changed); "
-                         "use a new output folder or --overwrite")
-    if meta["task"] != "classification":
-        raise InputError(f"model {model_uri}: a {meta['task']} model; vitray score handles classification for now")
-    # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
-    device_precision = precision if use_gpu and precision == "auto" else resolve_precision(precision, "cpu")
-    for stale in out.glob(".part-*.tmp"):
-        stale.unlink()  # a unit being written when an earlier run died
-    done = {f.name[len("part-"):-len(".parquet")] for f in out.glob("part-*.parquet")}
-    pending = [u for u in inp.units if u.key not in done]
-    print(f"[vitray] scoring {inp.rows:,} images in {len(inp.units)} units from {inp.root} ({inp.format}); "
-          f"{len(inp.units) - len(pending)} units already done; model {pin['uri']} ({device_precision})", flush=True)
+    with console.log_to(out / LOG_DIR / f"score-{time.strftime('%Y%m%d-%H%M%S')}.log") as log_path:
+        job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite)
+        pin = job["model"]
+        with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
+            folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
+            meta, digest = read_export_meta(folder), _export_digest(folder)
+        if not pin.get("digest"):  # first run: the weights this output is scored with
+            pin["digest"] = digest
+            _write_json(out / JOB_FILE, job)
+        elif pin["digest"] != digest:
+            raise InputError(f"model {pin['uri']} is not the model this output was started with (its files changed); "
+                             "use a new output folder or --overwrite")
+        if meta["task"] != "classification":
+            raise InputError(f"model {model_uri}: a {meta['task']} model; vitray score handles classification for now")
+        # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
+        device_precision = precision if use_gpu and precision == "auto" else resolve_precision(precision, "cpu")
+        for stale in out.glob(".part-*.tmp"):
+            stale.unlink()  # a unit being written when an earlier run died
+        done = {f.name[len("part-"):-len(".parquet")] for f in out.glob("part-*.parquet")}
+        pending = [u for u in inp.units if u.key not in done]
+        print(f"[vitray] scoring {inp.rows:,} images in {len(inp.units)} units from {inp.root} ({inp.format}); "
+              f"{len(inp.units) - len(pending)} units already done; model {pin['uri']} ({device_precision})", flush=True)
 
-    t0 = time.time()
-    rows_now = 0
-    if pending:
-        rows_now = _run_pipeline(pending, pin, meta, tracking_uri, out, batch_size=batch_size, concurrency=concurrency,
-                                 use_gpu=use_gpu, precision=device_precision, top_k=top_k,
-                                 cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, address=address,
-                                 resource_wait_s=resource_wait_s, stall_timeout_s=stall_timeout_s)
-    seconds = time.time() - t0
-    rows, errors = _count_output(out)
-    summary = ScoreSummary(str(out), rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
-                           round(seconds, 2), round(rows_now / seconds, 2) if rows_now and seconds > 0 else 0.0,
-                           pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint)
-    if rows != inp.rows:
-        raise RuntimeError(f"output {out} has {rows:,} rows for {inp.rows:,} inputs: rerun to finish the missing units")
-    summary.mlflow_run_id = _track(summary, tracking_cfg, tracking_uri, batch_size, concurrency, top_k)
-    _write_json(out / SUMMARY_FILE, asdict(summary))
-    print(summary.line(), flush=True)
-    return summary
+        t0 = time.time()
+        rows_now = 0
+        if pending:
+            rows_now = _run_pipeline(pending, pin, meta, tracking_uri, out, batch_size=batch_size, concurrency=concurrency,
+                                     use_gpu=use_gpu, precision=device_precision, top_k=top_k,
+                                     cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, address=address,
+                                     resource_wait_s=resource_wait_s, stall_timeout_s=stall_timeout_s)
+        seconds = time.time() - t0
+        rows, errors = _count_output(out)
+        summary = ScoreSummary(str(out), rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
+                               round(seconds, 2), round(rows_now / seconds, 2) if rows_now and seconds > 0 else 0.0,
+                               pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint)
+        if rows != inp.rows:
+            raise RuntimeError(f"output {out} has {rows:,} rows for {inp.rows:,} inputs: rerun to finish the missing units")
+        _write_json(out / SUMMARY_FILE, asdict(summary))
+        print(summary.line(), flush=True)
+        if log_path is not None:
+            print(f"[vitray] log of this job: {log_path}", flush=True)
+        summary.mlflow_run_id = _track(summary, tracking_cfg, tracking_uri, batch_size, concurrency, top_k, log_path)
+        _write_json(out / SUMMARY_FILE, asdict(summary))
+        return summary
 
 
 def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str, out: Path, *, batch_size: int,
@@ -300,15 +307,17 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
     from vitray.watchdog import watched
 
     started = False
-    ctx = saved_order = None
+    ctx = saved_order = saved_bars = None
     if not ray.is_initialized():
+        # the workers' output comes to the driver: into this job's log file (vitray.console), not the console
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=True)
         else:  # a local Ray: the actor's threads and the decode tasks share the cores, as in training
             cores = os.cpu_count() or 1
             ray.init(num_cpus=cores + max(2, int(cpus_per_actor * concurrency)), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
+                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
             started = True
+    bar = None
     try:
         # the predictor actors hold their CPUs for the whole job; the read/decode tasks need at least one more
         what = f"{concurrency} predictor actor{'s' if concurrency > 1 else ''} x {cpus_per_actor:g} CPU" + (
@@ -318,14 +327,15 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
         print(plan.line(), flush=True)
         ensure_capacity(plan)
         ctx = ray.data.DataContext.get_current()
-        saved_order = ctx.execution_options.preserve_order
+        saved_order, saved_bars = ctx.execution_options.preserve_order, ctx.enable_progress_bars
         ctx.execution_options.preserve_order = False  # units are regrouped by the driver: any order will do
+        ctx.enable_progress_bars = console.verbose()  # one vitray progress display instead of Ray Data's bars
         ds = ray.data.from_items([{"unit": json.dumps(asdict(u))} for u in pending], override_num_blocks=len(pending))
         # read + decode run as CPU tasks (fused with each other); their remote args differ from the predictor's
-        # (max_retries), so Ray Data does not fuse them into the actors, where decoding would serialise with the
-        # forward instead of overlapping it
-        ds = ds.map_batches(_read_units, batch_size=1, max_retries=3)
-        ds = ds.map_batches(_prepare, batch_size=batch_size, max_retries=3,
+        # (max_calls=0, which is Ray's default for a task: no limit), so Ray Data does not fuse them into the
+        # actors, where decoding would serialise with the forward instead of overlapping it
+        ds = ds.map_batches(_read_units, batch_size=1, max_calls=0)
+        ds = ds.map_batches(_prepare, batch_size=batch_size, max_calls=0,
                             fn_kwargs={"preprocessing": meta["preprocessing"], "max_pixels": max_pixels})
         ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
                             num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
@@ -335,7 +345,9 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
         expected = {u.key: u.rows for u in pending}
         parts: dict[str, list[dict]] = {}
         counts: dict[str, int] = {}
-        written = 0
+        written = seen = units_done = 0
+        bar = console.progress("score", total=sum(expected.values()), unit="images")
+        t_start = time.perf_counter()  # images/s as the summary counts them: the actors' start-up included
         batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
         for batch in watched(batches, stall_timeout_s, what="prediction batch",
                              fields="score.concurrency or score.cpus_per_actor"):
@@ -345,18 +357,26 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
                 counts[key] = counts.get(key, 0) + int(sel.sum())
                 if counts[key] >= expected[key]:  # complete: write it now, free the memory
                     written += _write_unit(out, key, parts.pop(key), expected[key], meta["class_names"], pin, schema)
+                    units_done += 1
+            seen += len(batch["id"])
+            rate = seen / max(time.perf_counter() - t_start, 1e-9)
+            bar.update(seen, eta_s=(bar.total - seen) / max(rate, 1e-9),
+                       **{"": f"{rate:.0f} img/s", "units": f"{units_done}/{len(pending)}"})
         for key, chunks in parts.items():  # the stream has ended: the rest must be complete too (checked)
             written += _write_unit(out, key, chunks, expected[key], meta["class_names"], pin, schema)
         return written
     finally:
+        if bar is not None:
+            bar.close()
         if ctx is not None:
             ctx.execution_options.preserve_order = saved_order
+            ctx.enable_progress_bars = saved_bars
         if started:
             ray.shutdown()
 
 
 def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: int, concurrency: int,
-           top_k: int) -> str | None:
+           top_k: int, log_path: Path | None = None) -> str | None:
     """An MLflow run recording which model version scored which data; a tracking failure is a warning."""
     if not tracking_cfg.enabled:
         return None
@@ -384,6 +404,9 @@ def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: i
                          params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag("vitray.units", str(summary.units))])
         client.log_dict(run.info.run_id, asdict(summary), "score_summary.json")
+        if log_path is not None:
+            console.drain()
+            client.log_artifact(run.info.run_id, str(log_path), "logs")
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
     except Exception as err:  # noqa: BLE001 - the predictions are on disk either way

@@ -19,7 +19,6 @@ import os
 import pickle
 import random
 import shutil
-import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +27,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vitray import console
+
 from .decode import DecodeError, decode_mask, probe_image
 from .formats import MANIFEST, Manifest, ShardInfo, schema_for, sha256_file, split_of
 from .sources import Sample, Skipped, SourceError, open_source
+
+LOG_DIR = "_logs"  # `vitray data pack` writes its log here (vitray.console)
 
 __all__ = ["pack", "PackError", "SPILL_BUCKET_BYTES"]
 
@@ -145,7 +148,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
         for p in out.iterdir():  # only what a pack writes: never a user's other files
             if p.name == MANIFEST or p.suffix == ".parquet" or p.name.endswith(".parquet.tmp"):
                 p.unlink()
-            elif p.is_dir() and p.name == "_pack_tmp":
+            elif p.is_dir() and p.name in ("_pack_tmp", LOG_DIR):
                 shutil.rmtree(p)
         if any(out.iterdir()):
             raise PackError(f"{out}: holds files that are not shards; choose an empty folder")
@@ -213,30 +216,34 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
         else:
             writer_for(split).add(row, classes)
         done += 1
-        if progress and done % 1000 == 0:
-            rate = done / (time.perf_counter() - t0)
-            print(f"\rpacked {done:,} images ({rate:,.0f}/s), skipped {len(skipped)}", end="", file=sys.stderr, flush=True)
+        if bar is not None and done % 64 == 0:
+            bar.update(done + len(skipped), **{"": f"{done / (time.perf_counter() - t0):,.0f} img/s",
+                                               "skipped": f"{len(skipped)}"})
 
     # bounded in-flight window: order is preserved and memory stays flat
     window: deque = deque()
-    with ThreadPoolExecutor(workers) as pool:
-        for item in source.iter_items(order):
-            if isinstance(item, Skipped):
-                skipped.append({"path": item.path, "reason": item.reason})
-                continue
-            window.append(pool.submit(_probe, item, max_pixels))
-            while len(window) >= 4 * workers:
+    bar = console.progress("pack", total=len(source.refs) if source.listing else None, unit="images") \
+        if progress else None
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            for item in source.iter_items(order):
+                if isinstance(item, Skipped):
+                    skipped.append({"path": item.path, "reason": item.reason})
+                    continue
+                window.append(pool.submit(_probe, item, max_pixels))
+                while len(window) >= 4 * workers:
+                    write(*window.popleft().result())
+            while window:
                 write(*window.popleft().result())
-        while window:
-            write(*window.popleft().result())
-    if spill is not None:
-        if progress and done >= 1000:
-            print(f"\rpacked {done:,} images; writing shuffled shards ...", end="", file=sys.stderr, flush=True)
-        spill.drain(writer_for)
-    for w in writers.values():
-        w.flush()
-    if progress and done >= 1000:
-        print(file=sys.stderr)
+        if spill is not None:
+            if bar is not None:
+                bar.milestone(f"[vitray] read {done:,} images; writing the shuffled shards", final=True)
+            spill.drain(writer_for)
+        for w in writers.values():
+            w.flush()
+    finally:
+        if bar is not None:
+            bar.close()
     if not done:
         raise PackError(f"{src}: no usable image found ({len(skipped)} skipped"
                         + (f", e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ")"))

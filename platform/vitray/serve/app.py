@@ -260,11 +260,11 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
     pins = pin_models(cfg.serve, tracking_uri)
     metas = check_models(pins, tracking_uri)  # fail fast, before Ray starts
     address = address or cfg.cluster.address
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # replicas' output comes to the driver: into the command's log (vitray.console)
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
     _ensure_capacity(cfg)
     t0 = time.time()
     pins, metas = deploy(cfg, tracking_uri, pins=pins, metas=metas)
@@ -276,6 +276,10 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
     first = cfg.serve.models[0].name
     print(f"  try: curl -s -X POST -H 'content-type: image/png' --data-binary @image.png "
           f"'{url}/v1/classify?model={first}&top_k=3'", flush=True)
+    from vitray.console import current_log
+
+    if current_log():
+        print(f"[vitray] log (Serve's own, the replicas' and request lines): {current_log()}", flush=True)
     if not block:
         return 0
     if address:

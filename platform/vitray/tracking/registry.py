@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -166,8 +167,10 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
                                                   if isinstance(v, (int, float))])
             example = pd.DataFrame({"image": [example_image or _example_png(meta["preprocessing"]["img_size"])]})
             predictor = Predictor.from_export(local)
-            signature = infer_signature(example, predictions_frame(predictor.probabilities(list(example["image"])),
-                                                                   predictor.class_names))
+            with warnings.catch_warnings():  # MLflow's hint that an int column cannot hold NaN: label never misses
+                warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+                signature = infer_signature(example, predictions_frame(
+                    predictor.probabilities(list(example["image"])), predictor.class_names))
             code = str(Path(__file__).with_name("pyfunc_model.py"))
             status_before = client.get_run(run_id).info.status
             with mlflow.start_run(run_id=run_id):

@@ -145,6 +145,20 @@ def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None, r
         raise TrackingError(f"MLflow at {uri}: {str(err).splitlines()[0]}") from None
 
 
+def log_artifact_file(run: TrackedRun | None, path, artifact_path: str) -> bool:
+    """Upload one file (a run's log) into the run's artifacts; a failure is a warning: the file stays on disk."""
+    if run is None or path is None or not Path(path).is_file():
+        return False
+    try:
+        with bounded_http():
+            client_for(run.tracking_uri).log_artifact(run.run_id, str(path), artifact_path)
+        return True
+    except Exception as err:  # noqa: BLE001
+        print(f"[vitray] warning: could not upload {path} to MLflow run {run.run_id}: "
+              f"{str(err).splitlines()[0][:200] if str(err) else type(err).__name__}", flush=True)
+        return False
+
+
 def end_run(run: TrackedRun | None, status: str = "FINISHED") -> bool:
     """Mark the run finished/failed; False (and a warning) if the server is gone."""
     if run is None:

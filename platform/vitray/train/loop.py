@@ -73,11 +73,6 @@ def _repair(batch: dict) -> tuple[dict, int, bool]:
     return batch, len(bad), True
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def build_engine(cfg, plan: TrainPlan, model: torch.nn.Module, *, load_universal: bool = False):
     """AdamW over the model's parameter groups, the warmup+cosine schedule, and the DeepSpeed engine around them.
     Returns (engine, scheduler). Needs the process group (Ray Train's, or any torch.distributed one)."""
@@ -137,6 +132,9 @@ class _Worker:
         self.skipped_total = 0
         self.tracking = loop_cfg.get("tracking")  # the MLflow run the driver opened (None: tracking off)
         self.logger = None  # rank 0's RunLogger, made at the end of build() (after any model downloads)
+        from .progress import WorkerProgress
+
+        self.progress = WorkerProgress(loop_cfg.get("progress_inbox"), self.is_rank0)  # to the driver's console
 
     # ------------------------------------------------------------------------------------------- setup
     def build(self) -> None:
@@ -189,8 +187,8 @@ class _Worker:
             self._log_run_info()
         except Exception as err:  # noqa: BLE001
             self.logger = None
-            print(f"[vitray] warning: MLflow logging from the workers is off for this run: {type(err).__name__}: "
-                  f"{str(err).splitlines()[0][:200] if str(err) else ''}", flush=True)
+            self.progress.say(f"[vitray] warning: MLflow logging from the workers is off for this run: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
 
     def _log_run_info(self) -> None:
         """Params (the flattened resolved config), tags and the config YAML, once per MLflow run (a run the driver
@@ -236,9 +234,8 @@ class _Worker:
                 (load_dir / "latest").write_text(DS_TAG)
             if dist.is_initialized():
                 dist.barrier()
-            if self.is_rank0:
-                print(f"[vitray] checkpoint of {meta['world_size']} workers -> {self.world}: "
-                      "converted to a DeepSpeed universal checkpoint", flush=True)
+            self.progress.say(f"[vitray] checkpoint of {meta['world_size']} workers -> {self.world}: "
+                              "converted to a DeepSpeed universal checkpoint")
         path, client = self.engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if path is None:
@@ -258,9 +255,8 @@ class _Worker:
         self.log_line({"event": "resumed", "step": self.global_step, "epoch": self.epoch, "from_workers": meta["world_size"],
                        "workers": self.world, "universal": self.universal, "optimizer_moments_sq_sum": reduced[0],
                        "optimizer_moments_numel": reduced[1]})
-        if self.is_rank0:
-            print(f"[vitray] resumed from {self.ckpt.path}: epoch {self.epoch}, step {self.global_step}, "
-                  f"{self.micro_in_epoch} micro-batches into the epoch", flush=True)
+        self.progress.say(f"[vitray] resumed from {self.ckpt.path}: epoch {self.epoch}, step {self.global_step}, "
+                          f"{self.micro_in_epoch} micro-batches into the epoch")
 
     def log_line(self, record: dict) -> None:
         """Append to <run>/metrics.jsonl (rank 0, local run storage): the run's own record of every logged step."""
@@ -326,8 +322,7 @@ class _Worker:
             yield from watched(batches, self.cfg.cluster.stall_timeout_s, pipeline_state=shard.stats,
                                fields="cluster.num_workers or cluster.cpus_per_worker, or data.cpus")
         except DataStallError as err:
-            if self.is_rank0:
-                print(f"[vitray] {err}" + (f"; {err.details}" if err.details else ""), flush=True)
+            self.progress.say(f"[vitray] {err}" + (f"; {err.details}" if err.details else ""))
             raise
 
     def _evaluate_pass(self, pictures: int = 0) -> dict[str, float]:
@@ -415,10 +410,9 @@ class _Worker:
                     if self.is_rank0:
                         done = self.global_step - steps_at_start
                         rate = done / max(time.perf_counter() - t_start, 1e-9)
-                        print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} step {self.global_step}/{plan.total_steps} "
-                              f"loss {metrics['train/loss']:.4f} lr {metrics['train/lr']:.2e} "
-                              f"{metrics['train/images_per_s']:.0f} img/s eta {_fmt_eta((plan.total_steps - self.global_step) / max(rate, 1e-9))}",
-                              flush=True)
+                        self.progress.step(self.epoch, plan.epochs, self.global_step, metrics["train/loss"],
+                                           metrics["train/lr"], metrics["train/images_per_s"],
+                                           (plan.total_steps - self.global_step) / max(rate, 1e-9))
                     self.log_line(metrics)
                     if self.logger is not None:
                         self.logger.log_metrics(metrics, self.global_step)
@@ -451,7 +445,9 @@ class _Worker:
                 self.logger.log_metrics(metrics, self.global_step)
             if self.is_rank0 and val:
                 shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if k != "val/skipped_images")
-                print(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", flush=True)
+                key = cfg.cluster.checkpoint_score_metric
+                self.progress.epoch(f"[vitray] epoch {self.epoch + 1}/{plan.epochs} done: {shown}", final=last,
+                                    primary=(key, val[key]) if key in val else None)
             # the step budget can end a run mid-epoch: its checkpoint then keeps the position, so a resume with a
             # larger budget (train.steps) goes on from there instead of believing the epoch was done
             stopped_mid_epoch = self.global_step >= plan.total_steps and self.micro_in_epoch < plan.micro_steps_per_epoch
@@ -480,7 +476,7 @@ class _Worker:
                     metrics[base] = metrics.pop(key)
             write_export(self.loop_cfg["export_dir"], state, self.cfg, self.class_names,
                          metrics={**metrics, "step": self.global_step}, extra=extra)
-            print(f"[vitray] exported model to {self.loop_cfg['export_dir']}", flush=True)
+            self.progress.say(f"[vitray] exported model to {self.loop_cfg['export_dir']}")
         self.close_logger()
 
     def close_logger(self, timeout_s: float = 30.0) -> None:

@@ -7,11 +7,13 @@ name (``vitray train CONFIG --resume RUN``) restores the latest checkpoint of th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitray import console
 from vitray.config import RunConfig, check_config, dump_config, vitray_home
 
 __all__ = ["TrainResult", "run_training", "init_ray", "storage_root"]
@@ -44,9 +46,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
+    # worker output comes to the driver (log_to_driver): into the command's log file, see vitray.console
     ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env,
-             configure_logging=False)
+             configure_logging=False, log_to_driver=True)
     return True
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's own progress bars off (unless --verbose): each stage has one vitray progress display, and the
+    datasets Ray Train runs inside its split coordinator would otherwise redraw bars into the log."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = console.verbose()
 
 
 def _local_cpus(cfg: RunConfig) -> int:
@@ -232,6 +243,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
 
     from .loop import train_loop_per_worker
     from .plan import make_plan
+    from .progress import DriverProgress
 
     check_config(cfg)
     # before any cluster work: a bad URI fails in seconds, and workers get a local folder (no MLflow access needed)
@@ -262,7 +274,12 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     address = address or cfg.cluster.address
     started = False
     status = "FAILED"
+    live = contextlib.ExitStack()  # the progress display: closed when fit() returns, or on any failure
+    logs = contextlib.ExitStack()  # the run's log file: written to the end of the command's work for this run
+    log_path = None
     try:
+        if "://" not in run_dir:
+            log_path = logs.enter_context(console.log_to(Path(run_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.log"))
         started = init_ray(address, None if address else _local_cpus(cfg))
         if tracked is not None and not tracked.tracking_uri.startswith(("http://", "https://", "databricks")):
             nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -273,6 +290,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
                                   f"has {len(nodes)} nodes; point tracking.uri (or MLFLOW_TRACKING_URI) at an MLflow "
                                   "server the workers can reach")
         rplan = _plan_resources(cfg)
+        _quiet_ray_data()
         spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec)
         train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
         _maybe_materialize_val(datasets, spec, cfg, img_size)
@@ -296,11 +314,14 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             "tracking": None if tracked is None else {**tracked.as_dict(), "resumed": tracked.resumed,
                                                       "tags": tags},
         }
+        shown = live.enter_context(contextlib.closing(DriverProgress(plan.total_steps, plan.epochs)))
+        loop_cfg["progress_inbox"] = shown.inbox
         resources = {"CPU": cfg.cluster.cpus_per_worker}
         if cfg.cluster.use_gpu:
             resources["GPU"] = cfg.cluster.gpus_per_worker
         score = cfg.cluster.checkpoint_score_metric if "val" in datasets else None
-        env = {"PYTHONWARNINGS": "ignore", **(extra_env or {})}
+        # Ray Train V2 prints every worker `print` twice (its logger and the stream); one copy is enough
+        env = {"PYTHONWARNINGS": "ignore", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **(extra_env or {})}
         if not cfg.cluster.use_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         for key in ("VITRAY_TEST_KILL_AT_STEP", "VITRAY_TEST_KILL_MARKER", "VITRAY_DS_SHM_COMM", "TORCH_EXTENSIONS_DIR",
@@ -326,6 +347,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             ),
         )
         result = trainer.fit()
+        live.close()  # the last progress events shown before what follows
         if result.error:
             raise result.error
         out = TrainResult(run_name, run_dir, export_dir, dict(result.metrics or {}),
@@ -339,9 +361,15 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         status = "KILLED"
         raise
     finally:
+        live.close()
+        if log_path is not None:
+            console.say(f"[vitray] log of this run: {log_path}")
         if tracked is not None:
-            from vitray.tracking.runs import end_run
+            from vitray.tracking.runs import end_run, log_artifact_file
 
+            console.drain()
+            log_artifact_file(tracked, log_path or console.current_log(), "logs")
             end_run(tracked, status)
+        logs.close()
         if started:
             ray.shutdown()
