@@ -54,7 +54,7 @@ def run_in_pty(args: list[str], env: dict | None = None, timeout: float = 600, c
 def screen_lines(raw: bytes) -> list[str]:
     """The lines a terminal is left showing: each line's last redraw (carriage return, erase-line), no escapes."""
     text = raw.decode("utf-8", errors="replace").replace("\r\n", "\n")
-    lines = text.split("\n")
-    if lines and not lines[-1].strip():
+    lines = [plain(line) for line in text.split("\n")]
+    while lines and not lines[-1].strip():  # the cursor's line, left empty when the last display was cleared
         lines.pop()
-    return [plain(line) for line in lines]
+    return lines

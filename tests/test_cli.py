@@ -26,12 +26,25 @@ def test_models_zoo_lists_names_with_params_and_gflops(cli):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_on_embedded_defaults(cli, tmp_path):
-    """The whole product on the embedded defaults; also the accuracy check of the training recipe: the digits ViT
-    (2 workers, ZeRO-2, 25 epochs) reaches >= 90% val top-1, and the export, evaluated offline, is that model."""
-    res = cli("quickstart", "--home", str(tmp_path))
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "quickstart done" in res.stdout
+def test_quickstart_runs_on_embedded_defaults(tmp_path):
+    """The whole product on the embedded defaults, in a terminal (a pty) as a person runs it: at most about 60
+    lines from start to end, each once, ending with the summary and the `vitray ui` line. Also the accuracy check
+    of the training recipe: the digits ViT (2 workers, ZeRO-2, 25 epochs) reaches >= 90% val top-1, and the
+    export, evaluated offline, is that model."""
+    from console_tools import run_in_pty, screen_lines
+
+    rc, raw = run_in_pty(["quickstart", "--home", str(tmp_path)], timeout=900)
+    lines = screen_lines(raw)
+    stdout = "\n".join(lines)
+    assert rc == 0, stdout[-3000:]
+    assert len(lines) <= 60, stdout
+    said = [line for line in lines if line.strip()]
+    assert len(said) == len(set(said)), [line for line in said if said.count(line) > 1]
+    assert "quickstart done" in stdout and "Traceback" not in stdout and "TrainingReport(" not in stdout
+    assert b"\x1b[2K" in raw and "train  [" in raw.decode(errors="replace")  # the live progress display was drawn
+    assert lines[-1].startswith(f"see the run's curves and confusion matrix: vitray ui --home {tmp_path}, then open "
+                                "http://127.0.0.1:5000/#/experiments/"), lines[-1]
+    assert any(line.split()[:1] == ["log"] for line in lines[-12:]), "the summary names the log file"
     assert (tmp_path / "quickstart" / "config.yaml").is_file()
     # the embedded MLflow store under --home: a finished run with the DESIGN metrics, the model registered champion,
     # and the registered pyfunc agreeing with the export (the quickstart prints the largest probability gap)
@@ -46,7 +59,7 @@ def test_quickstart_runs_on_embedded_defaults(cli, tmp_path):
     assert run.info.status == "FINISHED" and run.data.metrics["val/top1"] >= 0.9
     assert {"train/loss", "train/lr", "train/images_per_s", "val/loss", "val/top5", "epoch", "step"} <= set(run.data.metrics)
     assert str(client.get_model_version_by_alias("digits-vit", "champion").version) == "1"
-    gap = float(res.stdout.split("max |p - p_export| ")[1].split()[0])
+    gap = float(stdout.split("max |p - p_export| ")[1].split()[0])
     assert gap <= 1e-5
     assert run.data.metrics["step"] == 300  # 25 epochs x 12 optimizer steps
     # the scoring stage: every packed image scored once into Parquet
@@ -54,8 +67,8 @@ def test_quickstart_runs_on_embedded_defaults(cli, tmp_path):
 
     assert pq.read_table(tmp_path / "quickstart" / "predictions").num_rows == 1797
     # the serving stage: the champion behind Ray Serve answered one real HTTP request
-    assert "POST http://127.0.0.1:" in res.stdout and "from digits-vit v1 @champion" in res.stdout
-    offline = float(res.stdout.split("195 val images, top-1 ")[1].split()[0])  # printed with 3 decimals
+    assert "POST http://127.0.0.1:" in stdout and "from digits-vit v1 @champion" in stdout
+    offline = float(stdout.split("195 val images, top-1 ")[1].split()[0])  # printed with 3 decimals
     assert abs(offline - run.data.metrics["val/top1"]) <= 5e-4
 
 

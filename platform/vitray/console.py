@@ -487,13 +487,13 @@ class Progress:
                     cap._clear_live()
                     cap._draw_live()
             return
-        if self.interval and now - max(self.last_line, self.t0) >= self.interval:
+        if done is not None and now - max(self.last_line, self.t0) >= self.interval:
             self.last_line = now
             say(f"[vitray] {self.render(bar=False)}")
 
     def milestone(self, text: str, final: bool = False) -> bool:
         now = time.monotonic()
-        if final or not self.interval or now - self.last_line >= self.interval:
+        if final or now - self.last_line >= self.interval:
             self.last_line = now
             say(text)
             return True

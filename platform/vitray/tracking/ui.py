@@ -21,7 +21,7 @@ from pathlib import Path
 from .runs import artifact_location_for, check_reachable
 from .uris import client_for
 
-__all__ = ["LatestRun", "latest_run", "run_url", "start_server", "UiError"]
+__all__ = ["LatestRun", "latest_runs", "run_url", "start_server", "UiError"]
 
 
 class UiError(RuntimeError):
@@ -37,22 +37,26 @@ class LatestRun:
     status: str
 
 
-def latest_run(tracking_uri: str) -> LatestRun | None:
-    """The most recently started run of any (active) experiment of the store, or None for an empty store."""
+def latest_runs(tracking_uri: str, look_back: int = 200) -> tuple[LatestRun | None, LatestRun | None]:
+    """(the most recently started run of any active experiment, the most recent *training* run), None when the
+    store has none. A quickstart ends with a scoring run; the page a person wants is the training run's."""
     from mlflow.entities import ViewType
 
     client = client_for(tracking_uri)
     exps = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
     if not exps:
-        return None
+        return None, None
     runs = client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    if not runs:
-        return None
-    run = runs[0]
+                              max_results=look_back)
     names = {e.experiment_id: e.name for e in exps}
-    return LatestRun(run.info.experiment_id, names.get(run.info.experiment_id, ""), run.info.run_id,
-                     run.info.run_name or "", run.info.status)
+
+    def entry(run) -> LatestRun:
+        return LatestRun(run.info.experiment_id, names.get(run.info.experiment_id, ""), run.info.run_id,
+                         run.info.run_name or "", run.info.status)
+
+    training = next((r for r in runs if r.data.tags.get("vitray.task") and r.data.tags.get("vitray.source")
+                     not in ("vitray score", "vitray models register")), None)
+    return (entry(runs[0]) if runs else None), (entry(training) if training else None)
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
@@ -63,10 +67,9 @@ def _free_port(host: str, port: int) -> int:
     with socket.socket() as s:
         try:
             s.bind((host, port))
-            return port
         except OSError:
             s.bind((host, 0))
-            return s.getsockname()[1]
+        return s.getsockname()[1]
 
 
 def start_server(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000, log_dir: Path | None = None,
@@ -121,24 +124,32 @@ def stop_server(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         proc.wait(timeout_s)
 
 
+def _describe(latest: LatestRun | None, training: LatestRun | None, base: str) -> list[str]:
+    if latest is None:
+        return ["[vitray] no runs in this store yet"]
+    lines = []
+    if training is not None:
+        lines.append(f"[vitray] latest training run {training.name or training.run_id} ({training.status}, experiment "
+                     f"{training.experiment!r}): {run_url(base, training.experiment_id, training.run_id)}")
+    if training is None or training.run_id != latest.run_id:
+        lines.append(f"[vitray] latest run {latest.name or latest.run_id} ({latest.status}, experiment "
+                     f"{latest.experiment!r}): {run_url(base, latest.experiment_id, latest.run_id)}")
+    return lines
+
+
 def run_ui(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> int:
     """The ``vitray ui`` command: print where to look, serve until Ctrl-C (a local store) or return (a server)."""
     if tracking_uri.startswith(("http://", "https://")):
         check_reachable(tracking_uri)
-        latest = latest_run(tracking_uri)
         print(f"[vitray] {tracking_uri} is an MLflow server already: open it there")
-        if latest:
-            print(f"[vitray] latest run {latest.name or latest.run_id} ({latest.status}, experiment "
-                  f"{latest.experiment!r}): {run_url(tracking_uri, latest.experiment_id, latest.run_id)}")
+        for line in _describe(*latest_runs(tracking_uri), tracking_uri):
+            print(line)
         return 0
-    latest = latest_run(tracking_uri)  # before the server starts: a bad store fails in a second, with its name
+    found = latest_runs(tracking_uri)  # before the server starts: a bad store fails in a second, with its name
     proc, base, log_path = start_server(tracking_uri, host, port)
     print(f"[vitray] MLflow UI on {base} for {tracking_uri} (server log: {log_path})", flush=True)
-    if latest:
-        print(f"[vitray] latest run {latest.name or latest.run_id} ({latest.status}, experiment "
-              f"{latest.experiment!r}): {run_url(base, latest.experiment_id, latest.run_id)}", flush=True)
-    else:
-        print("[vitray] no runs in this store yet", flush=True)
+    for line in _describe(*found, base):
+        print(line, flush=True)
     print("[vitray] Ctrl-C to stop", flush=True)
     try:
         while proc.poll() is None:
