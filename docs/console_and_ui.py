@@ -2,10 +2,10 @@
 
     python docs/console_and_ui.py [--home DIR] [--reuse]
 
-1. Runs `vitray quickstart --home DIR` in a pseudo-terminal (as a person at a terminal sees it) and writes the
+1. Runs `vitray quickstart` with VITRAY_HOME=DIR in a pseudo-terminal (as a person at a terminal sees it) and writes the
    screen it leaves to docs/quickstart-console.txt (with --reuse, an existing DIR's run is used as it is and only
    the pictures are taken).
-2. Starts `vitray ui --home DIR` (the real command), then takes screenshots with headless Chromium (Debian's
+2. Starts `vitray ui` on that home (the real command), then takes screenshots with headless Chromium (Debian's
    `chromium` package: `apt-get install chromium`; driven by Playwright, `pip install -e '.[docs]'`, which uses
    that browser and downloads none) of the latest training run's metric charts and of its confusion matrix
    artifact: docs/images/mlflow-run-metrics.png and docs/images/mlflow-run-confusion-matrix.png.
@@ -29,19 +29,29 @@ sys.path.insert(0, str(ROOT / "tests"))
 from console_tools import run_in_pty, screen_lines  # noqa: E402
 
 
-def quickstart(home: Path) -> list[str]:
+def live_frames(raw: bytes, label: str) -> list[str]:
+    """The redraws of a stage's live display, in order (what the terminal's last line showed, frame by frame)."""
+    from vitray.console import plain
+
+    frames = [plain(seg.decode("utf-8", errors="replace")) for seg in raw.split(b"\r")]
+    return [f for f in frames if f.startswith(f"{label}  [")]
+
+
+def quickstart(home: Path) -> tuple[list[str], bytes]:
     t0 = time.time()
-    rc, raw = run_in_pty(["quickstart", "--home", str(home)], timeout=1800)
+    # the default home, as a first run sees it, pointed at ``home`` (VITRAY_HOME): paths print as under ~/.vitray
+    rc, raw = run_in_pty(["quickstart"], env={"VITRAY_HOME": str(home), "MLFLOW_TRACKING_URI": ""}, timeout=1800)
     lines = screen_lines(raw)
     if rc != 0:
         sys.exit("quickstart failed:\n" + "\n".join(lines[-30:]))
     print(f"quickstart: {len(lines)} lines on the terminal in {time.time() - t0:.0f}s")
-    return lines
+    return lines, raw
 
 
 def start_ui(home: Path) -> tuple[subprocess.Popen, str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "vitray.cli", "ui", "--home", str(home), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "vitray.cli", "ui", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "VITRAY_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
     seen = []
     while True:
         line = proc.stdout.readline()
@@ -81,10 +91,14 @@ def main() -> int:
     args = ap.parse_args()
     home = Path(args.home or tempfile.mkdtemp(prefix="vitray-docs-")).resolve()
     if not args.reuse:
-        lines = quickstart(home)
+        lines, raw = quickstart(home)
         text = "\n".join(line.replace(str(home), "~/.vitray") for line in lines).strip("\n") + "\n"
         (ROOT / "docs" / "quickstart-console.txt").write_text(text)
-        print("docs/quickstart-console.txt written")
+        train, score = live_frames(raw, "train"), live_frames(raw, "score")
+        picked = [train[len(train) // 3]] if train else []
+        picked += [score[len(score) // 2]] if score else []
+        (ROOT / "docs" / "quickstart-live-lines.txt").write_text("\n".join(picked) + "\n")
+        print("docs/quickstart-console.txt and docs/quickstart-live-lines.txt written")
     proc, base, page = start_ui(home)
     try:
         images = ROOT / "docs" / "images"

@@ -254,3 +254,14 @@ def test_verbose_flag_before_or_after_the_command():
     assert parser.parse_args(["train", "c.yaml"]).verbose is False
     assert parser.parse_args(["score", "--model", "m"]).capture == "score"
     assert not hasattr(parser.parse_args(["models", "zoo"]), "capture")
+
+
+def test_a_live_line_too_wide_for_the_terminal_leaves_out_whole_fields():
+    from vitray.console import Progress
+
+    bar = Progress("train", total=300, unit="steps", interval_s=3600)
+    bar.update(96, eta_s=100, **{"epoch": "8/25", "loss": "1.5181", "": "353 img/s", "val/top1": "0.6256"})
+    full = bar.render()
+    assert full.endswith("353 img/s  val/top1 0.6256")
+    assert bar.render(width=len(full) - 1).endswith("loss 1.5181  353 img/s")
+    assert bar.render(width=30) == full[:30]  # narrower than the fixed part: cut

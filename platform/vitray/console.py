@@ -263,7 +263,7 @@ class _Capture:
                 width = os.get_terminal_size(self.saved[1]).columns
             except OSError:
                 pass
-            self.term[1].write(self.live.render()[: max(20, width - 1)])
+            self.term[1].write(self.live.render(width=max(20, width - 1)))
             self.term[1].flush()
 
     def drain(self, timeout: float = 2.0) -> None:
@@ -455,7 +455,8 @@ class Progress:
         rate = (self.done - d) / max(time.monotonic() - t, 1e-9)
         return (self.total - self.done) / rate
 
-    def render(self, bar: bool = True) -> str:
+    def render(self, bar: bool = True, width: int | None = None) -> str:
+        """One line; with ``width``, the last fields are left out until it fits (never a value cut in half)."""
         parts = [self.label]
         if self.total:
             frac = min(1.0, self.done / self.total)
@@ -466,8 +467,12 @@ class Progress:
             parts.append(f"{self.done:,}{' ' + self.unit if self.unit else ''}")
         if self.total:
             parts.append(f"eta {fmt_eta(self._eta())}")
+        fixed = len(parts)
         parts += [f"{k} {v}" if k else v for k, v in self.fields.items()]
-        return "  ".join(parts) if bar else " ".join(parts)
+        sep = "  " if bar else " "
+        while width and len(parts) > fixed and len(sep.join(parts)) > width:
+            parts.pop()
+        return sep.join(parts)[: width or None]
 
     def update(self, done: int | None = None, *, eta_s: float | None = None, **fields) -> None:
         """``fields``: shown as ``name value`` in the order given (an empty name shows the value alone)."""
