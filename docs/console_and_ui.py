@@ -4,7 +4,8 @@
 
 1. Runs `vitray quickstart` with VITRAY_HOME=DIR in a pseudo-terminal (as a person at a terminal sees it) and writes the
    screen it leaves to docs/quickstart-console.txt (with --reuse, an existing DIR's run is used as it is and only
-   the pictures are taken).
+   the pictures are taken), and two frames of the live train and score lines to docs/quickstart-live-lines.txt;
+   both go into README.md between its `console:begin` / `console:end` markers.
 2. Starts `vitray ui` on that home (the real command), then takes screenshots with headless Chromium (Debian's
    `chromium` package: `apt-get install chromium`; driven by Playwright, `pip install -e '.[docs]'`, which uses
    that browser and downloads none) of the latest training run's metric charts and of its confusion matrix
@@ -84,6 +85,19 @@ def screenshot(url: str, out: Path, ready: str, width: int = 1440, height: int =
     print(f"{out.relative_to(ROOT)} <- {url}")
 
 
+def update_readme() -> None:
+    """The README block between the console markers: the screen and the live frames just written."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    begin, end = "<!-- console:begin -->\n", "<!-- console:end -->"
+    screen = (ROOT / "docs" / "quickstart-console.txt").read_text()
+    frames = (ROOT / "docs" / "quickstart-live-lines.txt").read_text()
+    block = f"```\n{screen}```\n\nLive lines (train, score):\n\n```\n{frames}```\n"
+    i, j = text.index(begin) + len(begin), text.index(end)
+    readme.write_text(text[:i] + block + text[j:])
+    print("README.md console block updated")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", default=None, help="quickstart home (default: a new temporary folder)")
@@ -99,6 +113,7 @@ def main() -> int:
         picked += [score[len(score) // 2]] if score else []
         (ROOT / "docs" / "quickstart-live-lines.txt").write_text("\n".join(picked) + "\n")
         print("docs/quickstart-console.txt and docs/quickstart-live-lines.txt written")
+        update_readme()
     proc, base, page = start_ui(home)
     try:
         images = ROOT / "docs" / "images"

@@ -142,7 +142,7 @@ def test_capture_on_a_terminal_draws_one_live_line_and_verbose_shows_everything(
 
 # ------------------------------------------------------------------------------------------ the real commands
 def _train_config(tmp_path: Path, digits: str) -> Path:
-    cfg = {"model": {"name": "vit_pico_patch4_32", "num_classes": 10},
+    cfg = {"model": {"name": "vit_pico_patch4_32", "num_classes": 10, "img_size": 16},  # 16 px: a quarter the tokens
            "data": {"path": digits, "batch_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3},
            "train": {"epochs": 2, "warmup_steps": 1, "log_every_steps": 2},
            "cluster": {"num_workers": 2, "storage_path": str(tmp_path / "runs"), "run_name": "console"},

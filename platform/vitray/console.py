@@ -354,7 +354,12 @@ def capture(command: str, verbose_flag: bool | None = None):
         return
     if verbose_flag:
         _state["verbose"] = True
-    cap = _Capture(_spool_path(command), verbose())
+    try:
+        cap = _Capture(_spool_path(command), verbose())
+    except OSError as err:  # no usable fd 1/2 (a daemon) or no writable home: run uncaptured rather than not at all
+        print(f"[vitray] warning: output not captured ({err}); library logs stay on the console", file=sys.stderr)
+        yield None
+        return
     _state["capture"] = cap
     failed = None
     try:
