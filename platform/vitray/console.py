@@ -189,11 +189,14 @@ class _Capture:
             self._draw_live()
 
     def _line(self, fd: int, raw: bytes) -> None:
-        if raw.startswith(self.MARK):
+        if self.MARK in raw:  # a drain marker, alone or after a partial line (a bar drawn without a newline)
+            i = raw.index(self.MARK)
             with self.lock:
-                self.marks_seen = max(self.marks_seen, int(raw[len(self.MARK):].strip() or 0))
+                self.marks_seen = max(self.marks_seen, int(raw[i + len(self.MARK):].strip() or 0))
                 self.drained.notify_all()
-            return
+            raw = raw[:i]
+            if not raw.strip():
+                return
         text = plain(raw.decode("utf-8", errors="replace"))
         if not text.strip():
             self.continuing[fd] = False
