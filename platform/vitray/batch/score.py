@@ -287,10 +287,9 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
                                pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint)
         if rows != inp.rows:
             raise RuntimeError(f"output {out} has {rows:,} rows for {inp.rows:,} inputs: rerun to finish the missing units")
-        _write_json(out / SUMMARY_FILE, asdict(summary))
         print(summary.line(), flush=True)
         if log_path is not None:
-            print(f"[vitray] log of this job: {log_path}", flush=True)
+            print(f"[vitray] log of this job: {log_path}", flush=True)  # before the upload: the log names itself
         summary.mlflow_run_id = _track(summary, tracking_cfg, tracking_uri, batch_size, concurrency, top_k, log_path)
         _write_json(out / SUMMARY_FILE, asdict(summary))
         return summary
