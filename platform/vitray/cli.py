@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from vitray.config import MAX_PIXELS
 from vitray.console import VERBOSE_ENV
 
 __all__ = ["main", "UsageError"]
@@ -202,6 +203,23 @@ def cmd_data_pack(args) -> int:
     with console.log_to(Path(args.out) / LOG_DIR / f"pack-{__import__('time').strftime('%Y%m%d-%H%M%S')}.log") as log:
         if log is not None:
             console.say(f"[vitray] log: {log}")
+    return 0
+
+
+def cmd_data_compose(args) -> int:
+    from vitray import console
+    from vitray.data.compose import ComposeError, compose
+
+    try:
+        r = compose(args.src, args.out, source=args.source, classes=args.classes, n=args.n, size=args.size,
+                    max_items=args.max_items, val_fraction=args.val_fraction, seed=args.seed,
+                    overwrite=args.overwrite)
+    except ComposeError as err:  # exit 2 at once, without the generic handler's heavy imports (torch)
+        raise UsageError(str(err)) from None
+    splits = ", ".join(f"{s} {k:,}" for s, k in r.counts.items())
+    console.say(f"[vitray] composed {sum(r.counts.values()):,} scenes ({splits}) with {r.items:,} items of "
+                f"{len(r.classes)} classes into {args.out} (images/, masks/, classes.txt, annotations.json) "
+                f"in {r.seconds:.1f}s")
     return 0
 
 
@@ -652,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.0)
     p.add_argument("--shard-rows", type=int, default=10_000, help="max rows per shard")
     p.add_argument("--shard-bytes", type=int, default=256 << 20, help="max encoded bytes per shard")
-    p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse larger images (decompression bombs)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="refuse larger images (decompression bombs)")
     p.add_argument("--task", default=None, help="coco only: detection (default) or segmentation")
     p.add_argument("--images", default=None, help="coco only: image folder (default: beside the JSON)")
     p.add_argument("--masks", default=None, help="masks only: mask folder (default: SRC/masks)")
@@ -664,6 +682,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the shards already in OUT")
     p.set_defaults(func=cmd_data_pack)
     captured(p, "pack")
+    p = data.add_parser("compose", help="scenes with exact masks and boxes (COCO + mask folder) from a labelled "
+                                         "classification set")
+    p.add_argument("src", metavar="SRC", help="image folder SRC/CLASS/IMAGE, or - with --from sklearn-digits")
+    p.add_argument("out", metavar="OUT", help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--from", dest="source", default="imagefolder", choices=["imagefolder", "sklearn-digits"],
+                   help="what SRC is (default imagefolder)")
+    p.add_argument("--classes", default=None, metavar="A,B,...", help="keep only these class names (default all)")
+    p.add_argument("--n", type=int, default=600, help="scenes in all (default 600)")
+    p.add_argument("--size", type=int, default=64, help="canvas side in pixels (default 64)")
+    p.add_argument("--max-items", type=int, default=3, help="items per scene: 1 to this (default 3)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of scenes in val (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="everything follows from it (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a composed set already in OUT")
+    p.set_defaults(func=cmd_data_compose)
     p = data.add_parser("inspect", help="counts per split and class, skipped files, sizes")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256 and row count")
@@ -699,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="registered model name (default: tracking.registered_model of the "
                                                  "run that wrote the export)")
     p.add_argument("--experiment", default=None, help="experiment for a new run when the training run is not found")
-    p.add_argument("--promotion-metric", dest="promotion_metric", default=None, help="default val/top1")
+    p.add_argument("--promotion-metric", dest="promotion_metric", default=None, help="default: the task's primary metric (val/top1, val/miou)")
     p.add_argument("--promotion-mode", dest="promotion_mode", choices=["max", "min"], default=None)
     tracking_arg(p)
     p.set_defaults(func=cmd_models_register)

@@ -7,8 +7,8 @@ with its dotted path instead of being silently ignored. The same object flows fr
 ``--set a.b=c`` overrides) to every component, and the resolved config is written back as YAML next to the
 checkpoints and logged to MLflow.
 
-This module is a leaf: it imports neither torch nor any other vitray module, so tools that only render
-manifests (``vitray.deploy``) can read a config without the training stack. Checks that need the model
+This module imports neither torch nor any vitray module but the torch-free task registry (``vitray.tasks``), so
+tools that only render manifests (``vitray.deploy``) can read a config without the training stack. Checks that need the model
 registry or the filesystem live in :func:`check_config`, which callers that are about to build a model run.
 """
 from __future__ import annotations
@@ -20,10 +20,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vitray.tasks import TaskError, get_task, task_names  # torch-free: the one list of tasks
+
 __all__ = [
     "ConfigError", "RunConfig", "load_config", "parse_config", "apply_overrides", "dump_config",
-    "check_config", "vitray_home", "is_model_uri",
+    "check_config", "vitray_home", "is_model_uri", "MAX_PIXELS",
 ]
+
+
+MAX_PIXELS = 64_000_000  # images with more pixels are refused everywhere by default (decompression bombs)
 
 
 class ConfigError(ValueError):
@@ -90,7 +95,7 @@ class DataConfig(_Section):
     cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha; 0 disables")
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
     switch_prob: float = Field(0.5, ge=0.0, le=1.0)
-    max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels are refused (decompression bombs)")
+    max_pixels: int = Field(MAX_PIXELS, gt=0, description="images with more pixels are refused (decompression bombs)")
     shuffle: bool = Field(True, description="shuffle file and block order each epoch; false: a fixed stream order "
                                             "(reproducible runs), mixed only by the seeded local shuffle buffer")
     shuffle_buffer: int | None = Field(None, ge=0, description="rows each trainer mixes in a local shuffle buffer "
@@ -115,8 +120,20 @@ class DistillationConfig(_Section):
     tau: float = Field(1.0, gt=0.0)
 
 
+def _task_with(layer: str, field: str):
+    """A validator: the named task exists and has ``layer`` (the registry's message names what it can do)."""
+    def check(value: str) -> str:
+        try:
+            get_task(value, layer)
+        except TaskError as err:
+            raise ValueError(str(err)) from None
+        return value
+    check.__name__ = f"_check_{field}"
+    return check
+
+
 class TrainConfig(_Section):
-    task: Literal["classification", "mae", "detection", "segmentation"] = "classification"
+    task: str = Field("classification", description="what to train: " + ", ".join(task_names("train")))
     epochs: int | None = Field(10, gt=0)
     steps: int | None = Field(None, gt=0, description="optimizer steps; overrides epochs when set")
     optimizer: Literal["adamw"] = "adamw"
@@ -137,6 +154,8 @@ class TrainConfig(_Section):
     checkpoint_every_steps: int | None = Field(None, gt=0)
     log_every_steps: int = Field(50, gt=0)
     seed: int = 0
+
+    _task = field_validator("task")(_task_with("train", "task"))
 
     @model_validator(mode="after")
     def _budget(self):
@@ -171,8 +190,9 @@ class ClusterConfig(_Section):
     stall_timeout_s: float = Field(300.0, ge=0.0, description="a trainer that waits this long for one batch fails the "
                                                               "attempt with Ray's pending demands; 0 disables")
     checkpoints_to_keep: int | None = Field(2, gt=0)
-    checkpoint_score_metric: str | None = "val/top1"
-    checkpoint_score_mode: Literal["max", "min"] = "max"
+    checkpoint_score_metric: str | None = Field("auto", description="auto: the task's primary metric (val/top1, "
+                                                                    "val/miou); None: keep the latest checkpoints")
+    checkpoint_score_mode: Literal["auto", "max", "min"] = "auto"
 
 
 # ------------------------------------------------------------------------------------------ tracking
@@ -184,8 +204,8 @@ class TrackingConfig(_Section):
                                               "under the vitray home (no server to start)")
     experiment: str = Field("vitray", min_length=1)
     registered_model: str | None = Field(None, min_length=1, description="register the trained model under this name")
-    promotion_metric: str = Field("val/top1", min_length=1)
-    promotion_mode: Literal["max", "min"] = "max"
+    promotion_metric: str = Field("auto", min_length=1, description="auto: the task's primary metric")
+    promotion_mode: Literal["auto", "max", "min"] = "auto"
     flush_interval_s: float = Field(10.0, gt=0.0, description="metrics are sent in batches this often (and at the end)")
     log_images: Literal["end", "epoch", "off"] = Field("end", description="confusion matrix + val prediction grid")
     image_grid: int = Field(16, ge=1, le=64, description="val images in the prediction grid")
@@ -193,21 +213,28 @@ class TrackingConfig(_Section):
                                                                "command before training")
 
 
+# ------------------------------------------------------------------------------------------ task options
+class SegmentationConfig(_Section):
+    """``train.task: segmentation``: the decoder on the ViT's patch grid (the backbone is ``model``)."""
+
+    decoder: Literal["pup", "linear"] = Field("pup", description="pup: progressive upsampling (SETR-PUP: conv, norm, "
+                                                                 "GELU, 2x upsample to the input size); linear: a 1x1 "
+                                                                 "conv on the patch grid, bilinear upsampling")
+    channels: int = Field(64, gt=0, description="PUP decoder width")
+
+
 # --------------------------------------------------------------------------------------------- serve
-SERVABLE_TASKS = ("classification",)
-
-
 class ServedModel(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the name in the API")
     uri: str = Field(..., min_length=1, description="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model or "
                                                       "an export folder")
-    task: Literal["classification", "detection", "segmentation"] = "classification"
+    task: str | None = Field(None, description="the model's task (default: what its export says); when given, an "
+                                              "export of another task is refused")
 
-    @model_validator(mode="after")
-    def _servable(self):
-        if self.task not in SERVABLE_TASKS:
-            raise ValueError(f"task {self.task!r} cannot be served yet (servable: {', '.join(SERVABLE_TASKS)})")
-        return self
+    @field_validator("task")
+    @classmethod
+    def _servable(cls, value):
+        return None if value is None else _task_with("infer", "task")(value)
 
 
 class ServeConfig(_Section):
@@ -237,7 +264,7 @@ class ServeConfig(_Section):
     ingress_replicas: int = Field(1, gt=0, description="router replicas (several models or colocate=false)")
     ingress_cpus: float = Field(0.5, ge=0.0, description="CPUs per router replica")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0, description="larger request bodies get 413")
-    max_pixels: int = Field(64_000_000, gt=0, description="images with more pixels get 413 (decompression bombs)")
+    max_pixels: int = Field(MAX_PIXELS, gt=0, description="images with more pixels get 413 (decompression bombs)")
     auth_token_env: str | None = Field(None, min_length=1, description="require 'Authorization: Bearer <token>', the "
                                                                        "token read from this environment variable")
     auth_token_file: str | None = Field(None, min_length=1, description="... or from this file (a Kubernetes Secret)")
@@ -274,7 +301,7 @@ class ScoreConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     top_k: int = Field(5, gt=0)
     files_per_unit: int = Field(1024, gt=0, description="image folders: files per output part")
-    max_pixels: int = Field(64_000_000, gt=0, description="larger images become error rows (decompression bombs)")
+    max_pixels: int = Field(MAX_PIXELS, gt=0, description="larger images become error rows (decompression bombs)")
     stall_timeout_s: float = Field(300.0, ge=0.0, description="no prediction batch for this long fails the job with "
                                                               "Ray's pending demands; 0 disables")
 
@@ -363,12 +390,32 @@ class RunConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
     serve: ServeConfig = ServeConfig()
     score: ScoreConfig = ScoreConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @model_validator(mode="after")
+    def _task_defaults(self):
+        """``auto`` metrics become the task's primary metric and direction (checkpoint scoring, the gate)."""
+        info = get_task(self.train.task)
+        if self.cluster.checkpoint_score_metric == "auto":
+            self.cluster.checkpoint_score_metric = info.primary_metric
+        if self.cluster.checkpoint_score_mode == "auto":
+            self.cluster.checkpoint_score_mode = info.mode
+        if self.tracking.promotion_metric == "auto":
+            self.tracking.promotion_metric = info.primary_metric
+        if self.tracking.promotion_mode == "auto":
+            self.tracking.promotion_mode = info.mode
+        return self
+
+    def task_options(self):
+        """The options section of ``train.task`` (None for a task without one)."""
+        section = get_task(self.train.task).options
+        return getattr(self, section) if section else None
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -1,8 +1,11 @@
-"""Inference on an exported model in one process: encoded bytes (or decoded arrays) in, class probabilities out.
+"""Inference on an exported model in one process: encoded bytes (or decoded arrays) in, answers about the original
+image out (class probabilities, a mask at the original size, ...).
 
 The one preprocessing path for everything that is not training: the MLflow pyfunc, Ray Serve replicas and batch
-scoring wrap a :class:`Predictor`, and the Ray-based paths are checked against :func:`evaluate_export`. Needs
-``vitray.models`` and ``vitray.data`` decode/transforms only (no Ray, no DeepSpeed).
+scoring wrap a :class:`Predictor`. What is task-specific (how an image becomes the model's input and its geometry,
+how outputs map back onto the original image) is the task's inference head (``vitray.tasks.<task>.infer``), found by
+the task name in the export. Needs ``vitray.models`` and ``vitray.data`` decode/transforms only (no Ray, no
+DeepSpeed).
 """
 from __future__ import annotations
 
@@ -11,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitray.data.decode import decode_image
-from vitray.data.transforms import EvalTransform
+from vitray.config import MAX_PIXELS
+from vitray.data.decode import DecodeError, decode_image
 
-__all__ = ["Predictor", "prepare", "normalise", "preprocess", "evaluate_export", "InputError", "resolve_precision"]
+__all__ = ["Predictor", "prepare", "normalise", "decode_item", "evaluate_export", "InputError", "resolve_precision",
+           "head_of"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,7 +48,9 @@ class InputError(ValueError):
     """An input the caller must fix (undecodable bytes, wrong array shape): the message names the item."""
 
 
-def _as_rgb(item, max_pixels: int | None) -> np.ndarray:
+def decode_item(item, max_pixels: int | None) -> np.ndarray:
+    """Encoded bytes or a decoded array -> (H, W, 3) uint8 RGB at full size (as the val pipeline decodes).
+    Raises :class:`vitray.data.decode.DecodeError` or :class:`InputError`."""
     if isinstance(item, (bytes, bytearray, memoryview)):
         return decode_image(bytes(item), max_pixels)
     arr = np.asarray(item)
@@ -59,12 +65,19 @@ def _as_rgb(item, max_pixels: int | None) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def prepare(item, meta: dict, max_pixels: int | None = None) -> np.ndarray:
-    """One encoded image (or decoded uint8 array) -> the uint8 (3, S, S) crop the model sees: decode, resize the
-    short side, centre-crop. The expensive, per-image half of preprocessing; serving runs it outside the batch."""
-    pre = meta["preprocessing"]
-    t = EvalTransform(pre["img_size"], crop_pct=pre["crop_pct"], interpolation=pre["interpolation"])
-    return np.ascontiguousarray(t(_as_rgb(item, max_pixels))[0].transpose(2, 0, 1))
+def head_of(meta: dict):
+    """The inference head of an export's task."""
+    from vitray.tasks import get_task
+
+    return get_task(meta.get("task", "classification"), "infer").load("infer")
+
+
+def prepare(item, meta: dict, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """One encoded image (or decoded uint8 array) -> (the uint8 (3, S, S) input the model sees, the original
+    (height, width)): decode at full size, then the task's eval transform (the one validation uses). The expensive,
+    per-image half of preprocessing; serving runs it outside the batch."""
+    rgb = decode_item(item, max_pixels)
+    return head_of(meta).prepare(rgb, meta), rgb.shape[:2]
 
 
 def normalise(crops: list[np.ndarray] | np.ndarray, meta: dict, device: str | torch.device | None = None) -> torch.Tensor:
@@ -81,33 +94,17 @@ def normalise(crops: list[np.ndarray] | np.ndarray, meta: dict, device: str | to
     return (x - mean) / std
 
 
-def preprocess(images: list, meta: dict, max_pixels: int | None = None) -> torch.Tensor:
-    """Encoded images (or decoded uint8 arrays) -> the normalised float batch an exported model expects (its own
-    preprocessing). A bad item raises :class:`InputError` naming its index."""
-    return normalise(prepare_all(images, meta, max_pixels), meta)
-
-
-def prepare_all(images: list, meta: dict, max_pixels: int | None = None) -> list[np.ndarray]:
-    """:func:`prepare` over a list; a bad item raises :class:`InputError` naming its index."""
-    out = []
-    for i, item in enumerate(images):
-        try:
-            out.append(prepare(item, meta, max_pixels))
-        except InputError as err:
-            raise InputError(f"image {i}: {err}") from None
-        except Exception as err:  # noqa: BLE001 - DecodeError, PIL errors: name the item, keep the reason
-            raise InputError(f"image {i}: cannot decode ({err})") from None
-    return out
-
-
 class Predictor:
-    """An exported classification model ready for inference: ``probabilities(images)`` -> (N, classes) float32."""
+    """An exported model ready for inference. ``predict(images)`` -> one answer per image (the task head's: class
+    probabilities, a class-index mask at the original size, ...); ``frame(images)`` the MLflow pyfunc's DataFrame."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, device: str | torch.device = "cpu",
-                 precision: str = "fp32", max_pixels: int | None = 64_000_000):
+                 precision: str = "fp32", max_pixels: int | None = MAX_PIXELS):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.meta = meta
+        self.head = head_of(meta)
+        self.task = meta.get("task", "classification")
         self.class_names = list(meta.get("class_names") or [])
         self.precision = resolve_precision(precision, self.device)
         self.dtype = PRECISIONS[self.precision]
@@ -120,30 +117,63 @@ class Predictor:
         model, meta = load_export(folder)
         return cls(model, meta, **kw)
 
-    @torch.no_grad()
-    def probabilities(self, images: list) -> np.ndarray:
-        if not len(images):
-            return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        return self.probabilities_of_crops(prepare_all(images, self.meta, self.max_pixels))
-
     @property
     def input_size(self) -> int:
         return int(self.meta["preprocessing"]["img_size"])
 
-    def prepare(self, item) -> np.ndarray:
-        """Decode + resize + crop one image (raises DecodeError/InputError): see :func:`prepare`."""
-        return prepare(item, self.meta, self.max_pixels)
+    def prepare(self, item) -> tuple[np.ndarray, tuple[int, int]]:
+        """Decode + the eval transform of one image (raises DecodeError/InputError): see :func:`prepare`."""
+        rgb = decode_item(item, self.max_pixels)
+        return self.head.prepare(rgb, self.meta), rgb.shape[:2]
+
+    def prepare_all(self, images: list) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """:meth:`prepare` over a list; a bad item raises :class:`InputError` naming its index."""
+        crops, sizes = [], []
+        for i, item in enumerate(images):
+            try:
+                crop, size = self.prepare(item)
+            except InputError as err:
+                raise InputError(f"image {i}: {err}") from None
+            except DecodeError as err:
+                raise InputError(f"image {i}: cannot decode ({err})") from None
+            crops.append(crop)
+            sizes.append(size)
+        return crops, sizes
 
     @torch.no_grad()
-    def probabilities_of_crops(self, crops) -> np.ndarray:
-        """uint8 crops from :meth:`prepare` (or an already normalised float batch) -> (N, classes) probabilities."""
+    def forward(self, crops) -> torch.Tensor:
+        """uint8 crops from :meth:`prepare` (or an already normalised float batch) -> the model's float32 outputs,
+        on the model's device."""
         if isinstance(crops, torch.Tensor) and crops.is_floating_point():
             x = crops.to(self.device)
         else:
             x = normalise(crops.numpy() if isinstance(crops, torch.Tensor) else crops, self.meta, self.device)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            logits = self.model(x)
-        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            return self.model(x).float()
+
+    @torch.no_grad()
+    def predict_crops(self, crops, sizes: list[tuple[int, int]]) -> list:
+        """Prepared crops and their images' original (height, width) -> one answer per image."""
+        if not len(sizes):
+            return []
+        return self.head.postprocess(self.forward(crops), sizes, self.meta)
+
+    def predict(self, images: list) -> list:
+        crops, sizes = self.prepare_all(images)
+        return self.predict_crops(crops, sizes)
+
+    def frame(self, images: list):
+        """The MLflow pyfunc's output: one row per image (the task head's columns)."""
+        crops, sizes = self.prepare_all(images)
+        return self.head.frame(self.predict_crops(crops, sizes), sizes, self.meta)
+
+    # for classifiers: the answers are probability rows, read here as one (N, classes) array
+    def probabilities(self, images: list) -> np.ndarray:
+        results = self.predict(images)
+        return np.stack(results) if len(results) else np.zeros((0, len(self.class_names)), dtype=np.float32)
+
+    def probabilities_of_crops(self, crops) -> np.ndarray:
+        return np.asarray(self.head.postprocess(self.forward(crops), None, self.meta))
 
     def label_name(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
@@ -151,18 +181,20 @@ class Predictor:
 
 @torch.no_grad()
 def evaluate_export(model, meta: dict, shards: str, split: str = "val", batch_size: int = 256) -> tuple[float, int]:
-    """Top-1 of an exported model over one split of packed shards, one process, no Ray."""
+    """Top-1 of an exported classifier over one split of packed shards, one process, no Ray."""
     import pyarrow.parquet as pq
 
     from vitray.data.formats import Manifest
 
+    predictor = Predictor(model, meta)
     m = Manifest.read(shards)
     correct = n = 0
     for f in m.files(shards, split):
         table = pq.read_table(f, columns=["image", "label"])
         images, labels = table.column("image").to_pylist(), np.asarray(table.column("label"))
         for i in range(0, len(images), batch_size):
-            pred = model(preprocess(images[i:i + batch_size], meta)).argmax(1).numpy()
+            crops, _ = predictor.prepare_all(images[i:i + batch_size])
+            pred = predictor.forward(crops).argmax(1).cpu().numpy()
             correct += int((pred == labels[i:i + batch_size]).sum())
             n += len(pred)
     return correct / max(n, 1), n

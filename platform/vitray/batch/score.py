@@ -5,7 +5,8 @@ The pipeline streams: read a unit (shard, Parquet file, tar, a run of image file
 ``use_gpu``) -> the driver gathers each unit's rows and writes ``part-<unit>.parquet`` through a temporary file
 and an atomic rename once the unit is complete. A rerun into the same output skips the units already written, so an
 interrupted job ends, after a rerun, with exactly one row per input id. Rows whose image cannot be read or decoded
-are kept, with the reason in ``error`` and no prediction.
+are kept, with the reason in ``error`` and no prediction; a job whose rows are mostly errors fails. The prediction
+columns are the model's task's (its inference head in ``vitray.tasks``).
 
 The output folder also holds ``_job.json`` (the input's units and fingerprint, and the model version pinned at the
 first run: a rerun finishes with the same version even if the alias moved) and ``_summary.json``.
@@ -21,21 +22,21 @@ from pathlib import Path
 import numpy as np
 
 from vitray import console
+from vitray.config import MAX_PIXELS
 
 from .inputs import InputError, ScoreInput, Unit, discover, read_unit
 
-__all__ = ["score", "ScoreSummary", "output_schema", "JOB_FILE", "SUMMARY_FILE"]
+__all__ = ["score", "ScoreSummary", "ScoreError", "output_schema", "JOB_FILE", "SUMMARY_FILE"]
 
 JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
 LOG_DIR = "_logs"  # the complete log of each run into this output (readers of the Parquet skip "_" names)
 
 
-def output_schema(top_k: int):
+def output_schema(head, options: dict):
+    """``id``, ``source``, the task's columns (its inference head's), ``model_uri``, ``model_version``, ``error``."""
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("source", pa.string()), ("label", pa.int32()), ("name", pa.string()),
-                      ("score", pa.float32()), ("top_k_labels", pa.list_(pa.int32())),
-                      ("top_k_names", pa.list_(pa.string())), ("top_k_probs", pa.list_(pa.float32())),
+    return pa.schema([("id", pa.string()), ("source", pa.string()), *head.score_fields(options),
                       ("model_uri", pa.string()), ("model_version", pa.string()), ("error", pa.string())])
 
 
@@ -79,30 +80,32 @@ def _read_units(batch: dict):
             seq += n
 
 
-def _prepare(batch: dict, preprocessing: dict, max_pixels: int) -> dict:
-    """Ray Data stage (CPU tasks): decode + resize + crop; a bad image becomes an error row with a zero crop."""
-    from vitray.predict import prepare
+def _prepare(batch: dict, meta: dict, max_pixels: int) -> dict:
+    """Ray Data stage (CPU tasks): decode + the task's eval transform; an image that cannot be decoded becomes an
+    error row with a zero crop. Anything else (a bug) fails the job instead of turning every row into an error."""
+    from vitray.data.decode import DecodeError
+    from vitray.predict import InputError, prepare
 
-    meta = {"preprocessing": preprocessing}
-    size = int(preprocessing["img_size"])
+    size = int(meta["preprocessing"]["img_size"])
     n = len(batch["id"])
     crops = np.zeros((n, 3, size, size), dtype=np.uint8)
+    sizes = np.zeros((n, 2), dtype=np.int32)
     errors = [str(e) for e in batch["read_error"]]
     for i in range(n):
         if errors[i]:
             continue
         try:
-            crops[i] = prepare(batch["image"][i], meta, max_pixels)
-        except Exception as err:  # noqa: BLE001 - DecodeError and whatever PIL raises on hostile bytes
+            crops[i], sizes[i] = prepare(batch["image"][i], meta, max_pixels)
+        except (DecodeError, InputError) as err:
             errors[i] = str(err)[:300] or type(err).__name__
     return {"unit": batch["unit"], "seq": batch["seq"], "id": batch["id"], "source": batch["source"], "crop": crops,
-            "error": np.array(errors, dtype=object)}
+            "size": sizes, "error": np.array(errors, dtype=object)}
 
 
 class Scorer:
     """Ray Data actor: loads the pinned model once, then scores crops batch by batch."""
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, precision: str, top_k: int, use_gpu: bool):
+    def __init__(self, model_uri: str, tracking_uri: str | None, precision: str, options: dict, use_gpu: bool):
         import tempfile
 
         import torch
@@ -118,20 +121,16 @@ class Scorer:
         with tempfile.TemporaryDirectory(prefix="vitray-score-") as tmp:  # weights are in memory once loaded
             model, meta = load_export(resolve_model_uri(model_uri, tracking_uri, dest=tmp), device=device)
         self.predictor = Predictor(model, meta, device=device, precision=precision)  # auto: resolved on this device
-        self.top_k = min(top_k, len(self.predictor.class_names) or top_k)
+        self.options = options
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["id"])
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        top_labels = np.full((n, self.top_k), -1, dtype=np.int32)
-        top_probs = np.full((n, self.top_k), np.nan, dtype=np.float32)
+        results = []
         if ok.any():
-            probs = self.predictor.probabilities_of_crops(batch["crop"][ok])
-            order = np.argsort(-probs, axis=1, kind="stable")[:, : self.top_k]
-            top_labels[ok] = order
-            top_probs[ok] = np.take_along_axis(probs, order, axis=1)
+            results = self.predictor.predict_crops(batch["crop"][ok], [tuple(s) for s in batch["size"][ok]])
+        outputs = self.predictor.head.score_outputs(results, ok, self.predictor.meta, self.options)
         return {"unit": batch["unit"], "seq": batch["seq"], "id": batch["id"], "source": batch["source"],
-                "error": batch["error"], "top_k_labels": top_labels, "top_k_probs": top_probs}
+                "error": batch["error"], **outputs}
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -174,7 +173,7 @@ def _export_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _write_unit(out: Path, key: str, parts: list[dict], expected: int, class_names: list[str], model: dict,
+def _write_unit(out: Path, key: str, parts: list[dict], expected: int, head, meta: dict, model: dict,
                 schema) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -188,21 +187,10 @@ def _write_unit(out: Path, key: str, parts: list[dict], expected: int, class_nam
     errors = [str(e) if e else None for e in cols["error"]]
     good = [e is None for e in errors]
 
-    def name(i: int) -> str:
-        return class_names[i] if 0 <= i < len(class_names) else str(i)
-
-    labels = cols["top_k_labels"]
-    probs = cols["top_k_probs"]
     table = pa.table({
         "id": pa.array([str(x) for x in cols["id"]], pa.string()),
         "source": pa.array([str(x) for x in cols["source"]], pa.string()),
-        "label": pa.array([int(r[0]) if g else None for r, g in zip(labels, good)], pa.int32()),
-        "name": pa.array([name(int(r[0])) if g else None for r, g in zip(labels, good)], pa.string()),
-        "score": pa.array([float(r[0]) if g else None for r, g in zip(probs, good)], pa.float32()),
-        "top_k_labels": pa.array([r.tolist() if g else None for r, g in zip(labels, good)], pa.list_(pa.int32())),
-        "top_k_names": pa.array([[name(int(i)) for i in r] if g else None for r, g in zip(labels, good)],
-                                pa.list_(pa.string())),
-        "top_k_probs": pa.array([r.tolist() if g else None for r, g in zip(probs, good)], pa.list_(pa.float32())),
+        **head.score_columns(cols, good, meta),
         "model_uri": pa.array([model["uri"]] * len(errors), pa.string()),
         "model_version": pa.array([model.get("version")] * len(errors), pa.string()),
         "error": pa.array(errors, pa.string()),
@@ -232,7 +220,7 @@ def _count_output(out: Path) -> tuple[int, int]:
 def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64, concurrency: int = 1,
           use_gpu: bool = False, precision: str = "auto", top_k: int = 5, fmt: str = "auto",
           image_column: str | None = None, files_per_unit: int = 1024, cpus_per_actor: float = 1.0,
-          max_pixels: int = 64_000_000, tracking_cfg=None, overwrite: bool = False,
+          max_pixels: int = MAX_PIXELS, tracking_cfg=None, overwrite: bool = False,
           address: str | None = None, resource_wait_s: float = 0.0, stall_timeout_s: float = 300.0) -> ScoreSummary:
     """Score ``input_path`` with ``model_uri`` into ``output`` (see the module docstring). Input and model problems
     raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts."""
@@ -262,8 +250,13 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         elif pin["digest"] != digest:
             raise InputError(f"model {pin['uri']} is not the model this output was started with (its files changed); "
                              "use a new output folder or --overwrite")
-        if meta["task"] != "classification":
-            raise InputError(f"model {model_uri}: a {meta['task']} model; vitray score handles classification for now")
+        from vitray.tasks import TaskError, get_task
+
+        try:
+            head = get_task(meta["task"], "infer").load("infer")  # the task's columns and answers
+        except TaskError as err:
+            raise InputError(f"model {model_uri}: {err}") from None
+        options = {"top_k": top_k}
         # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
         device_precision = precision if use_gpu and precision == "auto" else resolve_precision(precision, "cpu")
         for stale in out.glob(".part-*.tmp"):
@@ -277,7 +270,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         rows_now = 0
         if pending:
             rows_now = _run_pipeline(pending, pin, meta, tracking_uri, out, batch_size=batch_size, concurrency=concurrency,
-                                     use_gpu=use_gpu, precision=device_precision, top_k=top_k,
+                                     use_gpu=use_gpu, precision=device_precision, head=head, options=options,
                                      cpus_per_actor=cpus_per_actor, max_pixels=max_pixels, address=address,
                                      resource_wait_s=resource_wait_s, stall_timeout_s=stall_timeout_s)
         seconds = time.time() - t0
@@ -292,11 +285,32 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
             print(f"[vitray] log of this job: {log_path}", flush=True)  # before the upload: the log names itself
         summary.mlflow_run_id = _track(summary, tracking_cfg, tracking_uri, batch_size, concurrency, top_k, log_path)
         _write_json(out / SUMMARY_FILE, asdict(summary))
+        if rows and errors > rows * MAX_ERROR_SHARE:
+            raise ScoreError(f"{errors:,} of {rows:,} rows are errors (e.g. {_first_error(out)}): the input is not "
+                             f"what this model reads; the rows are in {out}")
         return summary
 
 
+MAX_ERROR_SHARE = 0.5  # a job whose output is mostly error rows fails (exit 1) instead of looking done
+
+
+class ScoreError(RuntimeError):
+    """The job ran but its output is not usable (most rows are errors)."""
+
+
+def _first_error(out: Path) -> str:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    for f in sorted(out.glob("part-*.parquet")):
+        errors = pc.drop_null(pq.read_table(f, columns=["error"]).column("error"))
+        if len(errors):
+            return str(errors[0])[:200]
+    return "?"
+
+
 def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str, out: Path, *, batch_size: int,
-                  concurrency: int, use_gpu: bool, precision: str, top_k: int, cpus_per_actor: float,
+                  concurrency: int, use_gpu: bool, precision: str, head, options: dict, cpus_per_actor: float,
                   max_pixels: int, address: str | None, resource_wait_s: float = 0.0,
                   stall_timeout_s: float = 300.0) -> int:
     import ray
@@ -335,12 +349,12 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
         # actors, where decoding would serialise with the forward instead of overlapping it
         ds = ds.map_batches(_read_units, batch_size=1, max_calls=0)
         ds = ds.map_batches(_prepare, batch_size=batch_size, max_calls=0,
-                            fn_kwargs={"preprocessing": meta["preprocessing"], "max_pixels": max_pixels})
+                            fn_kwargs={"meta": meta, "max_pixels": max_pixels})
         ds = ds.map_batches(Scorer, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
                             num_gpus=1 if use_gpu else 0, num_cpus=cpus_per_actor,
                             fn_constructor_kwargs={"model_uri": pin["uri"], "tracking_uri": tracking_uri,
-                                                   "precision": precision, "top_k": top_k, "use_gpu": use_gpu})
-        schema = output_schema(top_k)
+                                                   "precision": precision, "options": options, "use_gpu": use_gpu})
+        schema = output_schema(head, options)
         expected = {u.key: u.rows for u in pending}
         parts: dict[str, list[dict]] = {}
         counts: dict[str, int] = {}
@@ -355,14 +369,14 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
                 parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})
                 counts[key] = counts.get(key, 0) + int(sel.sum())
                 if counts[key] >= expected[key]:  # complete: write it now, free the memory
-                    written += _write_unit(out, key, parts.pop(key), expected[key], meta["class_names"], pin, schema)
+                    written += _write_unit(out, key, parts.pop(key), expected[key], head, meta, pin, schema)
                     units_done += 1
             seen += len(batch["id"])
             rate = seen / max(time.perf_counter() - t_start, 1e-9)
             bar.update(seen, eta_s=(bar.total - seen) / max(rate, 1e-9),
                        **{"": f"{rate:.0f} img/s", "units": f"{units_done}/{len(pending)}"})
         for key, chunks in parts.items():  # the stream has ended: the rest must be complete too (checked)
-            written += _write_unit(out, key, chunks, expected[key], meta["class_names"], pin, schema)
+            written += _write_unit(out, key, chunks, expected[key], head, meta, pin, schema)
         return written
     finally:
         if bar is not None:

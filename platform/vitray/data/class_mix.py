@@ -60,14 +60,19 @@ def noise_limit(n: int, reference: dict) -> float | None:
 def _counts_from_file(path: Path, task: str, class_names: list[str]) -> dict[str, int] | None:
     import pyarrow.parquet as pq
 
-    column = {"classification": "label", "detection": "box_labels"}.get(task)
+    from vitray.tasks import TaskError, get_task
+
+    try:
+        column = get_task(task, "data").load("data").class_column
+    except TaskError:
+        return None
     try:
         if column is None or column not in pq.ParquetFile(path).schema_arrow.names:
             return None
         values = pq.read_table(path, columns=[column]).column(column)
     except Exception:  # noqa: BLE001 - unreadable here (remote path, damaged file): not judged; verify reports damage
         return None
-    if task == "detection":
+    if hasattr(values.type, "value_type"):  # a list column (boxes): each element counts
         values = values.combine_chunks().flatten()
     counts = Counter(v for v in values.to_pylist() if v is not None)
     return {class_names[k] if 0 <= k < len(class_names) else str(k): n for k, n in sorted(counts.items())}

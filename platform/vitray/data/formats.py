@@ -1,8 +1,8 @@
 """The shard format: Parquet files, one row per image, and ``manifest.json`` beside them.
 
-Columns: ``id`` (stable, unique), ``image`` (the original encoded bytes), ``width``, ``height``, ``split``;
-classification adds ``label``; detection ``boxes`` (x0, y0, x1, y1 in pixels) and ``box_labels``;
-segmentation ``mask`` (PNG, one class id per pixel, 255 = ignore). Shards are written per split
+Columns: ``id`` (stable, unique), ``image`` (the original encoded bytes), ``width``, ``height``, ``split``, then the
+task's own (its data codec in ``vitray.tasks``): classification ``label``; detection ``boxes`` (x0, y0, x1, y1 in
+pixels) and ``box_labels``; segmentation ``mask`` (PNG, one class id per pixel, 255 = ignore). Shards are written per split
 (``train-00000.parquet``), so a split is read without filtering.
 """
 from __future__ import annotations
@@ -16,13 +16,12 @@ from pathlib import Path
 import pyarrow as pa
 
 __all__ = [
-    "FORMAT_VERSION", "MANIFEST", "TASKS", "IGNORE_INDEX", "ShardInfo", "Manifest", "schema_for", "sha256_file",
+    "FORMAT_VERSION", "MANIFEST", "IGNORE_INDEX", "ShardInfo", "Manifest", "schema_for", "sha256_file",
     "split_of", "ManifestError",
 ]
 
 FORMAT_VERSION = 2  # 2: rows in a seeded random order (``order``), per-shard class counts
 MANIFEST = "manifest.json"
-TASKS = ("classification", "detection", "segmentation")
 IGNORE_INDEX = 255  # mask value ignored by the loss and the metrics
 
 
@@ -31,22 +30,18 @@ class ManifestError(ValueError):
 
 
 def schema_for(task: str) -> pa.Schema:
-    fields = [
+    """The shard schema of a task: the common columns, then the task's own (its data codec's, ``vitray.tasks``)."""
+    from vitray.tasks import get_task
+
+    codec = get_task(task, "data").load("data")
+    return pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("image", pa.binary(), nullable=False),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("split", pa.string()),
-    ]
-    if task == "classification":
-        fields.append(pa.field("label", pa.int32()))
-    elif task == "detection":
-        fields += [pa.field("boxes", pa.list_(pa.list_(pa.float32()))), pa.field("box_labels", pa.list_(pa.int32()))]
-    elif task == "segmentation":
-        fields.append(pa.field("mask", pa.binary()))
-    else:
-        raise ValueError(f"unknown task {task!r}; one of {TASKS}")
-    return pa.schema(fields)
+        *codec.fields(),
+    ])
 
 
 def split_of(sample_id: str, val_fraction: float, test_fraction: float = 0.0) -> str:

@@ -19,7 +19,9 @@ def summarize(folder: str) -> str:
     lines.append(f"images: {sum(m.counts.values()):,} in {len(m.shards)} shards, {total_bytes / 2**20:,.1f} MiB")
     for split in m.splits:
         lines.append(f"  {split:<6} {m.counts[split]:>9,} images")
-    counted = "boxes" if m.task == "detection" else "images containing it" if m.task == "segmentation" else "images"
+    from vitray.tasks import get_task
+
+    counted = get_task(m.task, "data").load("data").counted
     lines.append(f"per class ({counted}):")
     width = max((len(n) for n in m.class_names), default=5)
     splits = m.splits

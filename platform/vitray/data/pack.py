@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitray import console
+from vitray.config import MAX_PIXELS
 
 from .decode import DecodeError, decode_mask, probe_image
 from .formats import MANIFEST, Manifest, ShardInfo, schema_for, sha256_file, split_of
@@ -156,7 +157,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fraction: float = 0.0,
-         shard_rows: int = 10_000, shard_bytes: int = 256 << 20, max_pixels: int = 64_000_000,
+         shard_rows: int = 10_000, shard_bytes: int = 256 << 20, max_pixels: int = MAX_PIXELS,
          overwrite: bool = False, task: str | None = None, images: str | None = None, masks_dir: str | None = None,
          workers: int | None = None, progress: bool = True, shuffle: bool = True, seed: int = 0) -> Manifest:
     if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
@@ -167,6 +168,9 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
     out_path = Path(out).expanduser()
     _prepare_out(out_path, overwrite)
     schema = schema_for(source.task)
+    from vitray.tasks import get_task
+
+    codec = get_task(source.task, "data").load("data")
     writers: dict[str, _ShardWriter] = {}
     skipped: list[dict] = []
     class_counts: dict[str, Counter] = {}
@@ -199,16 +203,9 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
             return
         split = sample.split or split_of(sample.id, val_fraction, test_fraction)
         row = {"id": sample.id, "image": sample.data, "width": result[0], "height": result[1], "split": split}
-        if source.task == "classification":
-            row["label"] = sample.label
-            classes = [sample.label]
-        elif source.task == "detection":
-            row["boxes"], row["box_labels"] = sample.boxes, sample.box_labels
-            classes = list(sample.box_labels)
-        else:
-            row["mask"] = sample.mask
-            classes = sorted(set(decode_mask(sample.mask).ravel().tolist()) - {255})
-        if source.task != "detection":
+        extra, classes = codec.pack_row(sample)
+        row.update(extra)
+        if codec.bounded_labels:
             max_label = max([max_label, *classes])
         class_counts.setdefault(split, Counter()).update(classes)
         if spill is not None:
@@ -249,7 +246,7 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
                         + (f", e.g. {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ")"))
 
     class_names = source.finalize(max_label) if source.finalize else source.class_names
-    if source.task == "classification" and max_label >= len(class_names):
+    if codec.bounded_labels and source.finalize is None and max_label >= len(class_names):
         raise PackError(f"labels go up to {max_label} but only {len(class_names)} class names are known")
 
     def named(counter: Counter) -> dict[str, int]:

@@ -4,10 +4,9 @@ Each batch leaving the pipeline holds what the trainer expects for its task:
 
 * always ``image`` uint8 (B, 3, S, S) and ``ok`` bool (B,): False marks bytes that failed to decode at read time
   (a shard written by another tool); those rows carry a zero image, the trainer drops and counts them;
-* classification: ``label`` int64 (B,);
-* detection: ``boxes`` float32 (B, max_boxes, 4) in pixels of the S x S input, ``box_labels`` int64 (B, max_boxes),
-  -1 for padding;
-* segmentation: ``mask`` uint8 (B, S, S), 255 = ignore.
+* the task's targets, as its data codec (``vitray.tasks.<task>.data``) writes them: classification ``label`` int64
+  (B,); segmentation ``mask`` uint8 (B, S, S), 255 = ignore; detection ``boxes`` float32 (B, max_boxes, 4) in pixels
+  of the S x S input and ``box_labels`` int64 (B, max_boxes), -1 for padding.
 
 Inputs: packed shards (a folder with manifest.json), or, without packing, WebDataset tars, Parquet files with an
 image column, or a plain image folder (``data.format``).
@@ -19,21 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .decode import DecodeError, decode_image, decode_mask
-from .formats import IGNORE_INDEX, Manifest, split_of
+from .decode import DecodeError, decode_image
+from .formats import Manifest, split_of
 from .sources import IMAGE_EXTS, SPLIT_NAMES
-from .transforms import EvalTransform, TrainTransform
+from .transforms import TrainTransform
 
 __all__ = ["DatasetSpec", "decode_batch", "build_dataset", "build_datasets", "dataset_spec", "shuffle_buffer_rows"]
-
-_TASK_COLUMNS = {
-    "classification": ["image", "label"],
-    "detection": ["image", "boxes", "box_labels"],
-    "segmentation": ["image", "mask"],
-}
-
 
 @dataclass
 class DatasetSpec:
@@ -49,53 +40,48 @@ class DatasetSpec:
 
 
 # ------------------------------------------------------------------------------------------ decode + augment
+def _codec(task: str):
+    from vitray.tasks import get_task
+
+    return get_task(task, "data").load("data")
+
+
+def read_columns(task: str) -> list[str]:
+    """The shard columns a task's pipeline reads."""
+    return ["image"] + _codec(task).read_columns()
+
+
 def decode_batch(batch: dict, *, task: str, train: bool, img_size: int, transforms: dict, max_pixels: int,
                  max_boxes: int = 100, interpolation: str = "bicubic") -> dict:
-    """Decode and transform one batch (a Ray Data ``map_batches`` function; also usable on its own)."""
+    """Decode and transform one batch (a Ray Data ``map_batches`` function; also usable on its own). The task's
+    codec (``vitray.tasks``) reads its targets and moves them with the pixels.
+
+    Training decodes JPEGs at a reduced DCT scale when the crop will be shrunk anyway; evaluation decodes at full
+    size and applies the task's eval transform, exactly as inference does (``vitray.predict``)."""
+    codec = _codec(task)
     images_in = batch["image"]
     n = len(images_in)
     if train:
         t = TrainTransform(img_size, scale=tuple(transforms["scale"]), ratio=tuple(transforms["ratio"]),
-                           hflip=transforms["hflip"], randaugment=transforms.get("randaugment") if task == "classification" else None,
+                           hflip=transforms["hflip"],
+                           randaugment=transforms.get("randaugment") if codec.photometric_only_targets else None,
                            interpolation=interpolation, mean=transforms.get("mean", (0.485, 0.456, 0.406)))
         # never decode below what a crop at the smallest scale needs at full resolution
         side = int(np.ceil(img_size / np.sqrt(transforms["scale"][0])))
+        min_size = (side, side)
     else:
-        t = EvalTransform(img_size, crop_pct=transforms["crop_pct"], interpolation=interpolation)
-        side = int(np.ceil(img_size / transforms["crop_pct"]))
+        t = codec.eval_transform(img_size, transforms["crop_pct"], interpolation)
+        min_size = None
     out_img = np.zeros((n, 3, img_size, img_size), dtype=np.uint8)
     ok = np.ones(n, dtype=bool)
-    out = {"image": out_img, "ok": ok}
-    if task == "classification":
-        out["label"] = np.asarray(batch["label"], dtype=np.int64)
-    elif task == "detection":
-        out["boxes"] = np.zeros((n, max_boxes, 4), dtype=np.float32)
-        out["box_labels"] = np.full((n, max_boxes), -1, dtype=np.int64)
-    elif task == "segmentation":
-        out["mask"] = np.full((n, img_size, img_size), IGNORE_INDEX, dtype=np.uint8)
+    out = {"image": out_img, "ok": ok, **codec.begin(batch, n, img_size, max_boxes)}
     for i in range(n):
         try:
-            img = decode_image(images_in[i], max_pixels, min_size=(side, side))
-            boxes = labels = mask = None
-            if task == "detection":
-                boxes = np.asarray([np.asarray(b, dtype=np.float32) for b in batch["boxes"][i]], dtype=np.float32).reshape(-1, 4)
-                labels = np.asarray(batch["box_labels"][i], dtype=np.int64).reshape(-1)
-                # boxes are in stored pixels; the decoder may have scaled the image down (JPEG DCT scaling)
-                if len(boxes) and "width" in batch:
-                    sx, sy = img.shape[1] / float(batch["width"][i]), img.shape[0] / float(batch["height"][i])
-                    boxes = boxes * np.array([sx, sy, sx, sy], dtype=np.float32)
-            elif task == "segmentation":
-                mask = decode_mask(batch["mask"][i])
-                if mask.shape != img.shape[:2]:  # reduced-size decode: bring the image back to the mask's grid
-                    img = np.asarray(Image.fromarray(img).resize(mask.shape[::-1], Image.BICUBIC))
-            img, boxes, labels, mask = t(img, boxes, labels, mask)
+            img = decode_image(images_in[i], max_pixels, min_size=min_size)
+            img, target = codec.read(batch, i, img)
+            img, target = codec.transform(t, img, target)
             out_img[i] = np.ascontiguousarray(img.transpose(2, 0, 1))
-            if task == "detection":
-                k = min(len(boxes), max_boxes)
-                out["boxes"][i, :k] = boxes[:k]
-                out["box_labels"][i, :k] = labels[:k]
-            elif task == "segmentation":
-                out["mask"][i] = mask
+            codec.store(out, i, target)
         except DecodeError:
             ok[i] = False
     return out
@@ -202,7 +188,7 @@ def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float, train: b
     # image folder is read one file per row, so its order is a full random permutation every epoch.
     shuffle = FileShuffleConfig(seed=data_cfg.seed, reseed_after_execution=True) if train and data_cfg.shuffle else None
     if spec.format in ("shards", "parquet"):
-        cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
+        cols = read_columns(spec.task)
         ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=blocks).select_columns(cols)
         ds.context.target_max_block_size = min(ds.context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
         return ds
@@ -249,7 +235,7 @@ def _read_small(spec: DatasetSpec, split: str, data_cfg, max_block_rows: int | N
     import pyarrow.parquet as pq
     import ray.data
 
-    cols = _TASK_COLUMNS[spec.task] + (["width", "height"] if spec.task == "detection" else [])
+    cols = read_columns(spec.task)
     try:
         if spec.format == "imagefolder":
             _, labels = _imagefolder_spec(Path(data_cfg.path).expanduser(), 0.1)

@@ -15,6 +15,7 @@ from PIL import Image
 
 __all__ = [
     "random_resized_crop_params", "crop_resize", "hflip", "eval_crop_box", "TrainTransform", "EvalTransform",
+    "ResizeTransform",
     "normalize_batch", "make_mixup",
 ]
 
@@ -118,6 +119,22 @@ class EvalTransform:
     def __call__(self, img: np.ndarray, boxes=None, labels=None, mask=None):
         h, w = img.shape[:2]
         img, boxes, keep, mask = crop_resize(img, eval_crop_box(h, w, self.crop_pct), self.size, self.interpolation,
+                                             boxes, mask)
+        if keep is not None:
+            boxes, labels = boxes[keep], labels[keep]
+        return img, boxes, labels, mask
+
+
+class ResizeTransform:
+    """The whole image resized to ``size`` x ``size`` (aspect not kept, nothing cropped), masks nearest-neighbour:
+    what dense tasks evaluate and infer on, so every original pixel has a prediction to map back to."""
+
+    def __init__(self, size: int, interpolation: str = "bicubic"):
+        self.size, self.interpolation = (size, size), interpolation
+
+    def __call__(self, img: np.ndarray, boxes=None, labels=None, mask=None):
+        h, w = img.shape[:2]
+        img, boxes, keep, mask = crop_resize(img, (0.0, 0.0, float(w), float(h)), self.size, self.interpolation,
                                              boxes, mask)
         if keep is not None:
             boxes, labels = boxes[keep], labels[keep]

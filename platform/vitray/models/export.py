@@ -1,7 +1,8 @@
 """The export folder: everything serving and scoring need, and nothing else (no optimizer, no DeepSpeed).
 
     model.safetensors     consolidated fp32 model-only weights
-    vitray_model.json     architecture (create_model arguments), task, class names, preprocessing, metrics
+    vitray_model.json     task, architecture (what the task's ``model`` module builds it from), class names,
+                          preprocessing, metrics
 
 Written at the end of training, registered in MLflow, loaded by ``vitray.tracking`` for any model URI.
 """
@@ -14,13 +15,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EXPORT_WEIGHTS, read_state_dict
-from .factory import create_model
 
 __all__ = ["EXPORT_META", "save_export", "load_export", "read_export_meta", "ExportError"]
 
 EXPORT_META = "vitray_model.json"
 EXPORT_VERSION = 1
-_ARCH_KEYS = ("name", "num_classes", "img_size", "in_chans", "pos_embed", "global_pool")
 
 
 class ExportError(ValueError):
@@ -36,7 +35,7 @@ def save_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mode
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(folder / EXPORT_WEIGHTS))
     meta = {
         "format": "vitray-model", "format_version": EXPORT_VERSION, "task": task,
-        "model": {k: model.get(k) for k in _ARCH_KEYS}, "class_names": list(class_names),
+        "model": dict(model), "class_names": list(class_names),
         "preprocessing": preprocessing, "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
@@ -55,11 +54,17 @@ def read_export_meta(folder: str | Path) -> dict:
 
 
 def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, meta). Weights must fit exactly: an export is never partially loaded."""
+    """(model in eval mode, meta). The export's task (``vitray.tasks``) builds the architecture; weights must fit
+    exactly: an export is never partially loaded."""
+    from vitray.tasks import TaskError, get_task  # the torch-free registry: which module builds this task's model
+
     meta = read_export_meta(folder)
-    arch = dict(meta["model"])
-    name = arch.pop("name")
-    model = create_model(name, **{k: v for k, v in arch.items() if v is not None})
+    try:
+        architecture = get_task(meta.get("task", "classification"), "model").load("model")
+    except TaskError as err:
+        raise ExportError(f"{folder}: {err}") from None
+    name = meta["model"]["name"]
+    model = architecture.build(meta["model"])
     state = read_state_dict(folder)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -28,11 +28,12 @@ IMPORT_PATH = "vitray.serve.app:build_app"
 
 
 def deployment_name(model: str) -> str:
-    return f"classifier-{model}"
+    return f"model-{model}"
 
 
 def model_from_uri(uri: str, name: str | None = None) -> ServedModel:
-    """``vitray serve --model URI``: one classification model, named after the registered model or the folder."""
+    """``vitray serve --model URI``: one model (of the task its export says), named after the registered model or
+    the folder."""
     if not name:
         if uri.startswith("models:/"):
             name = uri[len("models:/"):].split("@")[0].split("/")[0]
@@ -53,20 +54,28 @@ def pin_models(cfg: ServeConfig, tracking_uri: str | None) -> dict[str, dict]:
     return {m.name: pin_model_uri(m.uri, tracking_uri) for m in cfg.models}
 
 
-def check_models(pins: dict[str, dict], tracking_uri: str | None) -> dict[str, dict]:
+def check_models(pins: dict[str, dict], tracking_uri: str | None, configured: dict | None = None) -> dict[str, dict]:
     """Fail before deploying (a replica that cannot load its model is restarted by Serve forever): each pinned
-    model resolves to an export whose task can be served. Returns each model's export meta."""
+    model resolves to an export whose task can be served, and the task configured for it (if any). Returns each
+    model's export meta."""
     import tempfile
 
     from vitray.models.export import read_export_meta
+    from vitray.tasks import TaskError, get_task
     from vitray.tracking.uris import resolve_model_uri
 
     metas = {}
+    configured = dict(configured or {})
     for name, pin in pins.items():
         with tempfile.TemporaryDirectory(prefix="vitray-check-") as tmp:
             meta = read_export_meta(resolve_model_uri(pin["uri"], tracking_uri, dest=tmp))
-        if meta["task"] != "classification":
-            raise ConfigError(f"serve.models {name} ({pin['source']}): a {meta['task']} model cannot be served yet")
+        try:
+            get_task(meta["task"], "infer")
+        except TaskError as err:
+            raise ConfigError(f"serve.models {name} ({pin['source']}): {err}") from None
+        if configured.get(name) and configured[name] != meta["task"]:
+            raise ConfigError(f"serve.models {name}: task {configured[name]!r} configured, but {pin['source']} is a "
+                              f"{meta['task']} model")
         metas[name] = meta
     return metas
 
@@ -132,8 +141,8 @@ def build_app(args: dict):
     """Application builder (``import_path: vitray.serve.app:build_app``); ``args`` as written by :func:`app_args`."""
     from pydantic import ValidationError
 
-    from .classifier import Classifier
     from .ingress import Ingress
+    from .model import ModelDeployment
 
     try:
         cfg = ServeConfig.model_validate(args.get("serve") or {})
@@ -145,13 +154,14 @@ def build_app(args: dict):
         raise ValueError("serve.models is empty: list at least one {name, uri}, or use `vitray serve --model URI`")
     tracking_uri = args.get("tracking_uri")
     specs = {spec["name"]: spec for spec in plan(cfg, args.get("pins"))}
-    inits = {m.name: (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads) for m in cfg.models}
+    inits = {m.name: (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads, m.task)
+             for m in cfg.models}
     tasks = {m.name: m.task for m in cfg.models}
     settings = {k: getattr(cfg, k) for k in ("max_body_bytes", "max_pixels", "decode", "decode_threads",
                                              "auth_token_env", "auth_token_file")}
     if colocated(cfg):
         return Ingress.options(**_options(specs["ingress"], tasks, settings, inits)).bind({}, tasks, settings, inits)
-    handles = {name: Classifier.options(**_options(specs[deployment_name(name)], init)).bind(*init)
+    handles = {name: ModelDeployment.options(**_options(specs[deployment_name(name)], init)).bind(*init)
                for name, init in inits.items()}
     return Ingress.options(**_options(specs["ingress"], tasks, settings)).bind(handles, tasks, settings)
 
@@ -180,8 +190,11 @@ def _describe(cfg: ServeConfig, pins: dict, metas: dict) -> list[str]:
     for m in cfg.models:
         pin, meta = pins[m.name], metas[m.name]
         version = f"version {pin['version']}" + (f" ({pin['alias']})" if pin["alias"] else "") if pin["version"] else ""
-        lines.append(f"  {m.name:<16} {pin['source']}{' -> ' + version if version else ''}: "
-                     f"{meta['model']['name']}, {len(meta['class_names'])} classes, "
+        from vitray.predict import head_of
+        from vitray.tasks import get_task
+
+        lines.append(f"  {m.name:<16} {pin['source']}{' -> ' + version if version else ''}: {meta['task']} at "
+                     f"POST {get_task(meta['task']).route}, {meta['model']['name']}, {head_of(meta).describe(meta)}, "
                      f"{meta['preprocessing']['img_size']} px")
     return lines
 
@@ -210,7 +223,7 @@ def deploy(cfg: RunConfig, tracking_uri: str | None = None, start_http: bool = T
 
     tracking_uri = default_tracking_uri(tracking_uri or cfg.tracking.uri)
     pins = pins or pin_models(cfg.serve, tracking_uri)
-    metas = metas or check_models(pins, tracking_uri)
+    metas = metas or check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models})
     if start_http:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(app_args(cfg.serve, tracking_uri, pins)), name=APP_NAME, route_prefix="/")
@@ -258,7 +271,7 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    metas = check_models(pins, tracking_uri)  # fail fast, before Ray starts
+    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models})  # fail fast, before Ray
     address = address or cfg.cluster.address
     if not ray.is_initialized():  # replicas' output comes to the driver: into the command's log (vitray.console)
         if address:
@@ -273,9 +286,11 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
           flush=True)
     for line in _describe(cfg.serve, pins, metas):
         print(line, flush=True)
+    from vitray.tasks import get_task
+
     first = cfg.serve.models[0].name
     print(f"  try: curl -s -X POST -H 'content-type: image/png' --data-binary @image.png "
-          f"'{url}/v1/classify?model={first}&top_k=3'", flush=True)
+          f"'{url}{get_task(metas[first]['task']).route}?model={first}'", flush=True)
     from vitray.console import current_log
 
     if current_log():
@@ -306,7 +321,7 @@ def reload(cfg: RunConfig, address: str | None = "auto") -> list[tuple[str, str 
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    metas = check_models(pins, tracking_uri)
+    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models})
     if not ray.is_initialized():
         ray.init(address=address or "auto", log_to_driver=False)
     before = current_versions()

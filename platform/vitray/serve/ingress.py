@@ -1,12 +1,14 @@
 """The HTTP API: one FastAPI ingress in front of every model deployment.
 
-Routes: ``POST /v1/classify`` (the encoded image as the body with an image content type, or a multipart form with one
-file; ``model``, ``top_k`` and ``probs`` query parameters), ``GET /v1/models``, ``GET /healthz``, and FastAPI's
-``/docs`` and ``/openapi.json``. Every error is a JSON ``{"error": "..."}`` with a 4xx status (400 bad image or
+Routes: one ``POST`` per task that can be served, at the route the task registry names (``/v1/classify``,
+``/v1/segment``): the encoded image as the body with an image content type, or a multipart form with one file; the
+``model`` query parameter picks the served model, the rest are the task's own (its inference head's ``Params``:
+``top_k`` and ``probs`` for classify, ``format`` for segment). Then ``GET /v1/models``, ``GET /healthz``, and
+FastAPI's ``/docs`` and ``/openapi.json``. Every error is a JSON ``{"error": "..."}`` with a 4xx status (400 bad image or
 parameter, 401 missing or wrong token, 404 unknown model or route, 413 body or pixel count over the limit, 415 not
 an image content type); the ingress never answers a client mistake with a 500 or a traceback.
 
-Adding a task (detection, segmentation) is one more deployment class plus one route here: see ``ROUTES``.
+A new task needs nothing here: its route and answers come from ``vitray.tasks``.
 """
 
 import asyncio
@@ -15,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -24,9 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vitray import __version__
 
-__all__ = ["Ingress", "api", "ApiError", "TokenSource", "IMAGE_TYPES"]
+__all__ = ["Ingress", "api", "ApiError", "TokenSource", "IMAGE_TYPES", "routes"]
 
-ROUTES = {"classification": "/v1/classify"}
 IMAGE_TYPES = ("image/", "application/octet-stream")
 
 
@@ -34,20 +35,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers
-
-
-class Prediction(BaseModel):
-    label: int
-    name: str
-    score: float
-
-
-class ClassifyResponse(BaseModel):
-    model: str
-    version: str | None
-    alias: str | None
-    predictions: list[Prediction]
-    probs: list[float] | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -167,8 +154,8 @@ class _Remote:
     def __init__(self, handle):
         self.handle = handle
 
-    async def classify(self, *args):
-        return await self.handle.classify.remote(*args)
+    async def answer(self, *args):
+        return await self.handle.answer.remote(*args)
 
     async def info(self) -> dict:
         return await self.handle.info.remote()
@@ -180,25 +167,33 @@ class _Local:
     def __init__(self, model):
         self.model = model
 
-    async def classify(self, *args):
-        return await self.model.classify(*args)
+    async def answer(self, *args):
+        return await self.model.answer(*args)
 
     async def info(self) -> dict:
         return self.model.info()
 
 
-@serve.deployment
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, models: dict, tasks: dict[str, str], settings: dict, local: dict | None = None):
-        """``models``: name -> DeploymentHandle of its deployment; ``local``: name -> ClassifierModel init args
-        for a model that runs in this replica instead (its ``user_config`` then comes through this deployment's)."""
-        from vitray.serve.classifier import ClassifierModel
+def routes() -> dict[str, str]:
+    """task -> its HTTP route, for every task that can be served (``vitray.tasks``)."""
+    from vitray.tasks import TASKS
 
-        self.local = {name: ClassifierModel(*init) for name, init in (local or {}).items()}
+    return {name: info.route for name, info in TASKS.items() if info.has("infer") and info.route}
+
+
+class _Routes:
+    """The ingress's methods; one route method per servable task is added below, then Serve wraps the class."""
+
+    def __init__(self, models: dict, tasks: dict[str, str | None], settings: dict, local: dict | None = None):
+        """``models``: name -> DeploymentHandle of its deployment; ``local``: name -> ModelRunner init args for a
+        model that runs in this replica instead (its ``user_config`` then comes through this deployment's);
+        ``tasks``: name -> the configured task, None for "what its export says" (asked of the model)."""
+        from vitray.serve.model import ModelRunner
+
+        self.local = {name: ModelRunner(*init) for name, init in (local or {}).items()}
         self.models = {**{n: _Remote(h) for n, h in models.items()}, **{n: _Local(m) for n, m in self.local.items()}}
-        self.tasks = tasks
-        self.default = next(iter(tasks)) if tasks else None
+        self.tasks = dict(tasks)
+        self.default: dict[str, str] = {}
         self.limit = int(settings.get("max_body_bytes", 20 * 1024 * 1024))
         self.max_pixels = settings.get("max_pixels")
         self.decode_here = settings.get("decode") == "ingress" and not self.local
@@ -206,10 +201,22 @@ class Ingress:
         self._decode = ThreadPoolExecutor(int(settings.get("decode_threads", 2)), thread_name_prefix="vitray-decode")
         self._prep: dict[str, dict] = {}  # model -> {"key", "meta"} for decoding here
 
-    def _model(self, name: str | None, task: str) -> str:
-        name = name or self.default
-        if name not in self.models or self.tasks.get(name) != task:
-            served = [n for n, t in self.tasks.items() if t == task]
+    async def _task_of(self, name: str) -> str | None:
+        if self.tasks.get(name) is None:
+            info = await self.models[name].info()
+            if info.get("ready"):
+                self.tasks[name] = info["task"]
+        return self.tasks.get(name)
+
+    async def _model(self, name: str | None, task: str) -> str:
+        """The served model a request names (default: the first model of the route's task); 404 otherwise."""
+        if name is None:
+            for n in self.models:
+                if await self._task_of(n) == task:
+                    name = n
+                    break
+        if name not in self.models or await self._task_of(name) != task:
+            served = [n for n in self.models if await self._task_of(n) == task]
             raise ApiError(404, f"no {task} model {name!r}; served: {', '.join(served) or 'none'}")
         return name
 
@@ -218,25 +225,17 @@ class Ingress:
 
         if refresh or name not in self._prep:
             info = await self.models[name].info()
-            self._prep[name] = {"key": info["key"], "meta": {"preprocessing": info["preprocessing"]}}
+            self._prep[name] = {"key": info["key"], "meta": {"task": info["task"], "preprocessing": info["preprocessing"]}}
         entry = self._prep[name]
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._decode, prepare, data, entry["meta"], self.max_pixels), entry["key"]
 
-    @api.post(ROUTES["classification"], response_model=ClassifyResponse, response_model_exclude_none=True,
-              responses=_ERRORS, summary="Classify one image",
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "image/*": {"schema": {"type": "string", "format": "binary"}},
-                  "multipart/form-data": {"schema": {"type": "object", "properties": {
-                      "file": {"type": "string", "format": "binary"}}}}}}})
-    async def classify(self, request: Request,
-                       model: str | None = Query(None, description="served model name (default: the first)"),
-                       top_k: int = Query(5, ge=1, le=10_000, description="how many classes to return"),
-                       probs: bool = Query(False, description="also return every class probability")):
+    async def _answer(self, task: str, request: Request) -> JSONResponse:
         self.auth.check(request.headers.get("authorization"))
-        name = self._model(model, "classification")
+        params = dict(request.query_params)
+        name = await self._model(params.pop("model", None), task)
         data = await read_image_body(request, self.limit)
-        result = await self._classify(self.models[name], name, data, top_k, probs)
+        result = await self._ask(self.models[name], name, data, params)
         if "error" in result:
             raise ApiError(result["status"], result["error"])
         batch = result.pop("batch_size", None)
@@ -253,31 +252,63 @@ class Ingress:
         infos = await asyncio.gather(*(m.info() for m in self.models.values()))
         return {i["name"]: i.get("version") for i in infos}
 
-    async def _classify(self, model, name: str, data: bytes, top_k: int, probs: bool) -> dict:
+    async def _ask(self, model, name: str, data: bytes, params: dict) -> dict:
         if not self.decode_here:
-            return await model.classify(data, top_k, probs)
-        from vitray.serve.classifier import error_status
+            return await model.answer(data, params)
+        from vitray.data.decode import DecodeError
+        from vitray.predict import InputError
+        from vitray.serve.model import error_status
 
         for refresh in (False, True):
             try:
-                crop, key = await self._prepared(name, data, refresh)
-            except Exception as err:  # noqa: BLE001 - DecodeError, InputError, PIL errors
+                prepared, key = await self._prepared(name, data, refresh)
+            except (DecodeError, InputError) as err:
                 return {"error": str(err)[:300], "status": error_status(err)}
-            result = await model.classify(crop, top_k, probs, key)
+            result = await model.answer(prepared, params, key)
             if not result.get("stale"):
                 return result
         return {"error": "the model was reloaded twice during this request; retry", "status": 503}
 
-    @api.get("/v1/models", summary="Served models: name, task, version, alias, classes, input size")
+    @api.get("/v1/models", summary="Served models: name, task, route, version, alias, classes, input size")
     async def list_models(self, request: Request):
         self.auth.check(request.headers.get("authorization"))
         infos = await asyncio.gather(*(m.info() for m in self.models.values()))
         for info in infos:
             info.pop("key", None)
             info.pop("preprocessing", None)
-            info["route"] = ROUTES.get(info.get("task") or self.tasks[info["name"]])
+            info["route"] = routes().get(info.get("task") or self.tasks.get(info["name"]))
         return {"models": infos}
 
     @api.get("/healthz", summary="Liveness of the HTTP ingress (no auth)")
     async def healthz(self):
         return {"status": "ok", "models": list(self.models)}
+
+
+def _route_method(task: str, route: str):
+    """``POST route``: one image in, the task's answer out; parameters and response documented from its head."""
+    from vitray.predict import head_of
+
+    head = head_of({"task": task})
+    params = [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "served model name (default: the first model of this task)"}]
+    for pname, schema in head.Params.model_json_schema().get("properties", {}).items():
+        params.append({"name": pname, "in": "query", "required": False,
+                       "schema": {k: v for k, v in schema.items() if k != "description"},
+                       "description": schema.get("description", "")})
+
+    async def method(self, request: Request):
+        return await self._answer(task, request)
+
+    method.__name__ = method.__qualname__ = f"post_{task}"
+    return api.post(route, response_model=head.Response, response_model_exclude_none=True, responses=_ERRORS,
+                    summary=head.summary, openapi_extra={"parameters": params, "requestBody": {
+                        "required": True, "content": {
+                            "image/*": {"schema": {"type": "string", "format": "binary"}},
+                            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                                "file": {"type": "string", "format": "binary"}}}}}}})(method)
+
+
+for _task, _route in routes().items():
+    setattr(_Routes, f"post_{_task}", _route_method(_task, _route))
+
+Ingress = serve.deployment(serve.ingress(api)(_Routes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["confusion_matrix_image", "prediction_grid_image"]
+__all__ = ["confusion_matrix_image", "prediction_grid_image", "segmentation_grid_image", "class_palette", "colour_mask"]
 
 
 def _figure(width: float, height: float):
@@ -78,4 +78,50 @@ def prediction_grid_image(images: np.ndarray, labels: np.ndarray, preds: np.ndar
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    return _to_pil(fig)
+
+
+def class_palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, one per class id: tab20's, black for class 0 (background in vitray's mask sets)."""
+    from matplotlib import colormaps
+
+    tab = (np.asarray(colormaps["tab20"].colors) * 255).astype(np.uint8)
+    out = np.concatenate([np.zeros((1, 3), np.uint8), tab[np.arange(max(n - 1, 0)) % len(tab)]])
+    return out[:max(n, 1)]
+
+
+def colour_mask(mask: np.ndarray, n: int, ignore: int = 255) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) colours; ignored pixels white."""
+    palette = np.concatenate([class_palette(n), np.full((256 - max(n, 1), 3), 255, np.uint8)])
+    palette[ignore] = 255
+    return palette[np.asarray(mask, dtype=np.uint8)]
+
+
+def segmentation_grid_image(images: np.ndarray, truths: np.ndarray, preds: np.ndarray, class_names: list[str],
+                            title: str = ""):
+    """One row per val image: the image, its true mask and the predicted mask (class colours, legend below)."""
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[1] == 3 and images.shape[-1] != 3:
+        images = images.transpose(0, 2, 3, 1)
+    n = min(len(images), 8)
+    c = max(len(class_names), int(max(np.asarray(preds).max(initial=0), 0)) + 1)
+    fig = _figure(3 * 1.6, n * 1.6 + 0.9)
+    axes = fig.subplots(max(n, 1), 3, squeeze=False)
+    for k in range(axes.shape[0]):
+        for j, ax in enumerate(axes[k]):
+            ax.axis("off")
+            if k >= n:
+                continue
+            ax.imshow(images[k] if j == 0 else colour_mask((truths if j == 1 else preds)[k], c), interpolation="nearest")
+            if k == 0:
+                ax.set_title(("image", "truth", "prediction")[j], fontsize=8)
+    from matplotlib.patches import Patch
+
+    palette = class_palette(c) / 255.0
+    names = [class_names[i] if i < len(class_names) else str(i) for i in range(c)]
+    fig.legend(handles=[Patch(color=palette[i], label=names[i]) for i in range(c)], loc="lower center",
+               ncol=min(c, 6), fontsize=6, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _to_pil(fig)

@@ -1,14 +1,15 @@
 """The MLflow pyfunc of a vitray model.
 
 ``predict`` takes a pandas DataFrame with a column ``image`` holding encoded image bytes (JPEG/PNG/WebP/...) or
-decoded uint8 arrays (H, W, 3), one row per image, and returns one row per image: ``label`` (int), ``name`` (the
-class name) and ``probs`` (the probabilities over all classes). The model's artifacts are a vitray export folder
-(model-only safetensors weights, architecture, class names, preprocessing), so nothing else is needed to serve it.
-It is logged as "models from code" (:mod:`vitray.tracking.pyfunc_model`): no pickled Python objects.
+decoded uint8 arrays (H, W, 3), one row per image, and returns one row per image with the columns of the model's
+task (its inference head, ``vitray.tasks.<task>.infer``): classification ``label`` (int), ``name`` and ``probs``;
+segmentation ``mask`` (PNG bytes of class ids at the original size), ``width``, ``height`` and ``class_areas``.
+The model's artifacts are a vitray export folder (model-only safetensors weights, task, architecture, class names,
+preprocessing), so nothing else is needed to serve it. It is logged as "models from code"
+(:mod:`vitray.tracking.pyfunc_model`): no pickled Python objects.
 """
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 try:
@@ -16,13 +17,7 @@ try:
 except ImportError:  # pragma: no cover - mlflow is a dependency; keep the module importable for docs tools
     PythonModel = object
 
-__all__ = ["VitrayPyfuncModel", "predictions_frame"]
-
-
-def predictions_frame(probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    labels = probs.argmax(axis=1).astype(np.int64) if len(probs) else np.zeros(0, dtype=np.int64)
-    names = [class_names[i] if i < len(class_names) else str(i) for i in labels]
-    return pd.DataFrame({"label": labels, "name": names, "probs": list(probs.astype(np.float32))})
+__all__ = ["VitrayPyfuncModel"]
 
 
 class VitrayPyfuncModel(PythonModel):
@@ -40,5 +35,4 @@ class VitrayPyfuncModel(PythonModel):
             images = list(model_input["image"])
         else:
             images = list(model_input)
-        probs = self.predictor.probabilities(images)
-        return predictions_frame(probs, self.predictor.class_names)
+        return self.predictor.frame(images)

@@ -136,8 +136,7 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
 
     from vitray.models.export import read_export_meta
     from vitray.predict import Predictor
-
-    from .pyfunc import predictions_frame
+    from vitray.tasks import get_task
 
     name = name or tracking_cfg.registered_model
     uri = default_tracking_uri(tracking_cfg.uri)
@@ -169,8 +168,7 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
             predictor = Predictor.from_export(local)
             with warnings.catch_warnings():  # MLflow's hint that an int column cannot hold NaN: label never misses
                 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-                signature = infer_signature(example, predictions_frame(
-                    predictor.probabilities(list(example["image"])), predictor.class_names))
+                signature = infer_signature(example, predictor.frame(list(example["image"])))
             code = str(Path(__file__).with_name("pyfunc_model.py"))
             status_before = client.get_run(run_id).info.status
             with mlflow.start_run(run_id=run_id):
@@ -192,8 +190,11 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
                 if run.data.tags.get(k):
                     tags[k] = run.data.tags[k]
             mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
-            value = (meta.get("metrics") or {}).get(tracking_cfg.promotion_metric)
-            alias, why = gate(client, name, mv.version, value, tracking_cfg.promotion_metric, tracking_cfg.promotion_mode)
+            info = get_task(meta["task"])  # "auto": the task's primary metric and direction
+            metric = info.primary_metric if tracking_cfg.promotion_metric == "auto" else tracking_cfg.promotion_metric
+            mode = info.mode if tracking_cfg.promotion_mode == "auto" else tracking_cfg.promotion_mode
+            value = (meta.get("metrics") or {}).get(metric)
+            alias, why = gate(client, name, mv.version, value, metric, mode)
             reg.name, reg.version, reg.alias, reg.reason = name, str(mv.version), alias, why
             return reg
         except MlflowException as err:

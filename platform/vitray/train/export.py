@@ -46,10 +46,10 @@ def write_export(export_dir: str, state: dict, cfg, class_names: list[str], metr
                  extra: dict | None = None) -> str:
     """Write locally, then copy to the run storage (a local path or any pyarrow filesystem URI, e.g. s3://)."""
     from vitray.models.zoo import default_img_size
+    from vitray.tasks import get_task
 
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
-    model = cfg.model.model_dump()
-    model["img_size"] = img_size
+    model = get_task(cfg.train.task, "model").load("model").arch(cfg, img_size)
     with tempfile.TemporaryDirectory(prefix="vitray-export-") as tmp:
         save_export(tmp, state, model=model, task=cfg.train.task, class_names=class_names,
                     preprocessing=preprocessing_of(cfg, img_size), metrics=metrics, extra=extra)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -169,11 +168,10 @@ class _Worker:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + self.global_step)
-        teacher = self._local_weights("teacher_checkpoint")
-        if cfg.train.task == "classification":
-            self.task.setup(self.device, self.dtype, teacher_path=teacher)
-        else:
-            self.task.setup(self.device, self.dtype)
+        self.task.setup(self.device, self.dtype, teacher_path=self._local_weights("teacher_checkpoint"))
+        from .faults import step_hooks
+
+        self.step_hooks = step_hooks(self.rank, self.world)  # test-only fault injection, when its variables are set
         if self.tracking and self.is_rank0:
             self._start_logger()
 
@@ -301,7 +299,7 @@ class _Worker:
             metrics.update({f"{k}_ema": v for k, v in ema.items() if k != "val/skipped_images"})
         if metrics and keep:
             t0 = time.perf_counter()
-            drawn = self.task.eval_pictures(lambda t: _all_reduce_tensor(t, self.device), self.is_rank0)
+            drawn = self._last_metric.pictures(self.is_rank0)
             for name, image in drawn.items():
                 if self.logger is not None:
                     if name.endswith(".json"):
@@ -332,9 +330,8 @@ class _Worker:
         if shard is None:
             return {}
         engine, task = self.engine, self.task
-        task.begin_eval(pictures)
+        metric = task.metric(pictures)
         engine.eval()
-        sums = dict.fromkeys(task.eval_keys, 0.0)
         skipped = 0
         with torch.no_grad():
             for batch in self._watched(shard, shard.iter_torch_batches(
@@ -344,13 +341,13 @@ class _Worker:
                 batch = {k: v[ok] for k, v in batch.items()}
                 if not len(batch["image"]):
                     continue
-                for k, v in task.eval_sums(engine, batch, self.dtype).items():
-                    sums[k] += v
-        reduced = _all_reduce([sums[k] for k in task.eval_keys] + [skipped], self.device)
-        sums = dict(zip(task.eval_keys, reduced[:-1]))
+                metric.update(task.eval_outputs(engine, batch, self.dtype), batch)
+        metric.sync(lambda t: _all_reduce_tensor(t, self.device))  # a collective: every rank, once per pass
+        skipped = _all_reduce([skipped], self.device)[0]
         engine.train()
-        metrics = task.eval_metrics(sums)
-        metrics["val/skipped_images"] = reduced[-1]
+        metrics = metric.compute()
+        metrics["val/skipped_images"] = skipped
+        self._last_metric = metric
         return metrics
 
     # -------------------------------------------------------------------------------------------- train
@@ -359,8 +356,6 @@ class _Worker:
 
         cfg, plan, engine, task = self.cfg, self.plan, self.engine, self.task
         shard = ray.train.get_dataset_shard("train")
-        kill_at = int(os.environ.get("VITRAY_TEST_KILL_AT_STEP", "0"))
-        kill_marker = os.environ.get("VITRAY_TEST_KILL_MARKER", "")
         log_every = min(cfg.train.log_every_steps, plan.steps_per_epoch)
         t_start = time.perf_counter()
         steps_at_start = self.global_step
@@ -425,14 +420,8 @@ class _Worker:
                 if cfg.train.checkpoint_every_steps and self.global_step % cfg.train.checkpoint_every_steps == 0 \
                         and micro < plan.micro_steps_per_epoch and self.global_step < plan.total_steps:
                     self.save_and_report(metrics or {"epoch": self.epoch, "step": self.global_step}, epoch_done=False)
-                if kill_at and self.global_step == kill_at and self.rank == self.world - 1 and kill_marker \
-                        and not os.path.exists(kill_marker):
-                    # test hook: die once, like a lost node. Wait out Ray Train's 2 s health-check poll first, so
-                    # the controller has registered the checkpoints already reported (a real failure within that
-                    # window resumes from the checkpoint before)
-                    time.sleep(5)
-                    Path(kill_marker).write_text(str(self.global_step))
-                    os.kill(os.getpid(), signal.SIGKILL)
+                for hook in self.step_hooks:
+                    hook(self.global_step)
             t_ep = time.perf_counter()
             self.skipped_total += int(_all_reduce([epoch_skipped], self.device)[0])
             last = self.epoch + 1 >= plan.epochs or self.global_step >= plan.total_steps

@@ -168,6 +168,20 @@ def _plan_resources(cfg: RunConfig):
     return ensure_capacity(plan)
 
 
+def _check_task(cfg: RunConfig, spec) -> None:
+    """On the driver, before Ray starts: the data holds what the task trains on, with the model's class count (a
+    worker failing on it would be retried ``cluster.max_failures`` times for nothing)."""
+    from vitray.config import ConfigError
+
+    if spec.task != cfg.train.task:
+        raise ConfigError(f"train.task: {cfg.train.task!r}, but {cfg.data.path} holds {spec.task} data "
+                          f"(its manifest says so); pack {cfg.train.task} data or set train.task: {spec.task}")
+    if spec.class_names and len(spec.class_names) != cfg.model.num_classes:
+        shown = ", ".join(spec.class_names[:5]) + (", ..." if len(spec.class_names) > 5 else "")
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.path} has "
+                          f"{len(spec.class_names)} classes ({shown})")
+
+
 def _warn_class_mix(cfg: RunConfig, spec) -> None:
     """Shards whose class mix is far from their split's (packed in class order by an older vitray or another tool)
     train badly whatever the read-time shuffle: say so before training, as `vitray data inspect` does."""
@@ -251,6 +265,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher", cfg.tracking.uri)
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
+    _check_task(cfg, spec)
     _warn_class_mix(cfg, spec)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
     run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,4 +1,5 @@
-"""The classification model deployment: one per served model, loaded from its URI, batched with ``@serve.batch``.
+"""The model deployment: one per served model, loaded from its URI, batched with ``@serve.batch``, whatever its task
+(the task's inference head, found by the task name in the export, prepares images and turns outputs into answers).
 
 A request's image is decoded and resized on a thread pool in the request path (or arrives already decoded from the
 ingress), so decoding never runs inside the batch; the batch only normalises and runs the forward, on its own
@@ -20,13 +21,25 @@ from dataclasses import dataclass
 import numpy as np
 from ray import serve
 
+from pydantic import ValidationError
+
+from vitray.config import MAX_PIXELS
 from vitray.data.decode import DecodeError
 from vitray.predict import InputError, Predictor
 
-__all__ = ["Classifier", "ClassifierModel", "LoadedModel", "error_status"]
+__all__ = ["ModelDeployment", "ModelRunner", "LoadedModel", "error_status"]
 
 log = logging.getLogger("ray.serve")
 BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+def params_error(err: ValidationError) -> str:
+    """A route parameter's validation error as one line naming the parameter and what was given."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{where}: {e.get('msg')} (given {e.get('input')!r})" if where else str(e.get("msg")))
+    return "; ".join(parts) or "invalid parameters"
 
 
 def error_status(err: Exception) -> int:
@@ -45,7 +58,7 @@ class LoadedModel:
     @property
     def info(self) -> dict:
         meta = self.predictor.meta
-        return {"task": meta["task"], "uri": self.pin["source"], "version": self.pin["version"],
+        return {"task": self.predictor.task, "uri": self.pin["source"], "version": self.pin["version"],
                 "alias": self.pin["alias"], "registered_model": self.pin["name"], "key": self.key,
                 "classes": self.predictor.class_names, "num_classes": len(self.predictor.class_names),
                 "input_size": self.predictor.input_size, "architecture": meta["model"]["name"],
@@ -53,17 +66,18 @@ class LoadedModel:
                 "preprocessing": meta["preprocessing"], "metrics": meta.get("metrics") or {}}
 
 
-class ClassifierModel:
-    """The model side of serving, usable in any replica: as its own deployment (:class:`Classifier`, behind the
+class ModelRunner:
+    """The model side of serving, usable in any replica: as its own deployment (:class:`ModelDeployment`, behind the
     router) or inside the ingress replica when only one model is served (no extra hop)."""
 
     def __init__(self, name: str, tracking_uri: str | None = None, precision: str = "auto",
-                 max_pixels: int | None = 64_000_000, decode_threads: int = 2):
+                 max_pixels: int | None = MAX_PIXELS, decode_threads: int = 2, task: str | None = None):
         import torch
 
         import ray
 
         self.name, self.tracking_uri, self.precision, self.max_pixels = name, tracking_uri, precision, max_pixels
+        self.task = task  # None: whatever the export's task is
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
         self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
@@ -90,11 +104,11 @@ class ClassifierModel:
         with tempfile.TemporaryDirectory(prefix=f"vitray-serve-{self.name}-") as tmp:
             folder = resolve_model_uri(pin["uri"], self.tracking_uri, dest=tmp)
             model, meta = load_export(folder, device=self.device)
-        if meta["task"] != "classification":
-            raise ValueError(f"model {self.name} ({pin['source']}): a {meta['task']} model, served as classification")
+        if self.task and meta["task"] != self.task:
+            raise ValueError(f"model {self.name} ({pin['source']}): a {meta['task']} model, configured as {self.task}")
         predictor = Predictor(model, meta, device=self.device, precision=self.precision, max_pixels=self.max_pixels)
         size = predictor.input_size
-        predictor.probabilities_of_crops(np.zeros((2, 3, size, size), np.uint8))  # warm-up: first call is slow
+        predictor.forward(np.zeros((2, 3, size, size), np.uint8))  # warm-up: the first call is slow
         # the key names what a crop depends on (the version and its preprocessing), the same in every replica
         digest = hashlib.sha256(json.dumps(meta["preprocessing"], sort_keys=True).encode()).hexdigest()[:12]
         loaded = LoadedModel(predictor, pin, key=f"{pin['uri']}#{digest}")
@@ -125,51 +139,50 @@ class ClassifierModel:
             return {"name": self.name, "ready": False}
         return {"name": self.name, "ready": True, **self._current.info, **self._batching}
 
-    async def classify(self, image, top_k: int = 5, with_probs: bool = False, key: str | None = None) -> dict:
-        """``image``: encoded bytes, or a uint8 (3, S, S) crop prepared by the ingress for model ``key``.
-        Returns a JSON-ready dict; bad input comes back as ``{"error", "status"}``, never as an exception."""
+    async def answer(self, image, params: dict, key: str | None = None) -> dict:
+        """``image``: encoded bytes, or a (uint8 (3, S, S) input, original (height, width)) pair prepared by the
+        ingress for model ``key``; ``params``: the route's query parameters. Returns a JSON-ready dict; bad input
+        comes back as ``{"error", "status"}``, never as an exception."""
         current = self._current
+        head = current.predictor.head
+        try:
+            parsed = head.Params.model_validate(params)
+        except ValidationError as err:
+            return {"error": params_error(err), "status": 400}
         if isinstance(image, (bytes, bytearray, memoryview)):
             try:
-                crop = await asyncio.get_running_loop().run_in_executor(self._decode, current.predictor.prepare,
-                                                                        bytes(image))
+                crop, size = await asyncio.get_running_loop().run_in_executor(self._decode, current.predictor.prepare,
+                                                                              bytes(image))
             except (DecodeError, InputError) as err:
                 return {"error": str(err), "status": error_status(err)}
-            except Exception as err:  # noqa: BLE001 - PIL raises many types on hostile input
-                return {"error": f"cannot decode the image: {str(err)[:200]}", "status": 400}
         elif key != current.key:
             return {"stale": True, "key": current.key}  # prepared for another version: the ingress re-prepares
         else:
-            crop = image
-        probs, batch_size = await self.predict_batch((current, crop))
-        k = min(top_k, len(probs))
-        top = np.argsort(-probs, kind="stable")[:k]
+            crop, size = image
+        result, batch_size = await self.predict_batch((current, crop, tuple(size)))
         out = {"model": self.name, "version": current.pin["version"], "alias": current.pin["alias"],
-               "predictions": [{"label": int(i), "name": current.predictor.label_name(int(i)), "score": float(probs[i])}
-                               for i in top],
-               "batch_size": batch_size}
-        if with_probs:
-            out["probs"] = probs.tolist()
+               **head.respond(result, size, parsed, current.predictor.meta), "batch_size": batch_size}
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[tuple[np.ndarray, int]]:
+    async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray, tuple]]) -> list[tuple[object, int]]:
         loop = asyncio.get_running_loop()
         results: list = [None] * len(items)
         groups: dict[int, list[int]] = {}
-        for i, (loaded, _) in enumerate(items):  # items prepared for different versions (mid-reload) never mix
+        for i, (loaded, _, _) in enumerate(items):  # items prepared for different versions (mid-reload) never mix
             groups.setdefault(id(loaded), []).append(i)
         for idx in groups.values():
             loaded = items[idx[0]][0]
             crops = np.stack([items[i][1] for i in idx])
-            probs = await loop.run_in_executor(self._forward, loaded.predictor.probabilities_of_crops, crops)
+            answers = await loop.run_in_executor(self._forward, loaded.predictor.predict_crops, crops,
+                                                 [items[i][2] for i in idx])
             for j, i in enumerate(idx):
-                results[i] = (probs[j], len(items))
+                results[i] = (answers[j], len(items))
         if self._batch_metric is not None:
             self._batch_metric.observe(len(items))
         return results
 
 
 @serve.deployment
-class Classifier(ClassifierModel):
-    """One served classification model as its own deployment (called through a DeploymentHandle)."""
+class ModelDeployment(ModelRunner):
+    """One served model as its own deployment (called through a DeploymentHandle)."""

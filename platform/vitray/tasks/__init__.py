@@ -1,0 +1,79 @@
+"""The one list of tasks vitray knows, and what each can do.
+
+A task is a name (stored in the shard manifest and in every export) plus one module per layer:
+
+* ``data``  its shard columns and how a row is decoded and transformed with the pixels (numpy/PIL only);
+* ``train`` its training module: model builder, loss, and evaluation with a metric object that syncs across workers;
+* ``model`` how its architecture is written into an export and built back from it;
+* ``infer`` its inference head: prepare (image -> tensor + geometry), postprocess (outputs -> answers on the original
+  image), and its outputs: score columns, the MLflow pyfunc frame, the HTTP route's parameters and response.
+
+This module is torch-free (config validation reads it); a layer's module is imported only when asked for, so a
+serving image never imports the training module. Generic code looks a task up here by name and never branches on it.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+__all__ = ["TaskInfo", "TaskError", "TASKS", "LAYERS", "get_task", "task_names"]
+
+LAYERS = ("data", "train", "model", "infer")
+_WHAT = {"data": "packed and streamed", "train": "trained", "model": "exported", "infer": "served or scored"}
+
+
+class TaskError(ValueError):
+    """An unknown task, or a task asked for a layer it does not have yet."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    summary: str
+    primary_metric: str            # what the promotion gate and checkpoint scoring default to
+    mode: str                      # "max" or "min" for primary_metric
+    columns: tuple[str, ...]       # shard columns beside id/image/width/height/split
+    route: str | None = None       # HTTP route of its answers
+    options: str | None = None     # the config section of its own options (``RunConfig.<options>``)
+    layers: dict[str, str] = field(default_factory=dict)  # layer -> "module:attribute"
+
+    def has(self, layer: str) -> bool:
+        return layer in self.layers
+
+    def load(self, layer: str):
+        """The layer's object (imported now). Raises :class:`TaskError` when the task has no such layer yet."""
+        if layer not in self.layers:
+            can = ", ".join(_WHAT[x] for x in LAYERS if x in self.layers) or "nothing yet"
+            raise TaskError(f"task {self.name!r} cannot be {_WHAT.get(layer, layer)} yet (it can be: {can})")
+        module, _, attr = self.layers[layer].partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def _layers(task: str, *names: str) -> dict[str, str]:
+    objects = {"data": "CODEC", "train": "TRAINING", "model": "ARCHITECTURE", "infer": "HEAD"}
+    return {n: f"vitray.tasks.{task}.{n}:{objects[n]}" for n in names}
+
+
+TASKS: dict[str, TaskInfo] = {t.name: t for t in (
+    TaskInfo("classification", "one label per image", "val/top1", "max", ("label",), "/v1/classify",
+             layers=_layers("classification", *LAYERS)),
+    TaskInfo("segmentation", "a class per pixel", "val/miou", "max", ("mask",), "/v1/segment",
+             options="segmentation", layers=_layers("segmentation", *LAYERS)),
+    TaskInfo("detection", "boxes with labels", "val/map", "max", ("boxes", "box_labels"), "/v1/detect",
+             layers=_layers("detection", "data")),
+)}
+
+
+def task_names(layer: str | None = None) -> list[str]:
+    """Every task name, or those that have ``layer``."""
+    return [n for n, t in TASKS.items() if layer is None or t.has(layer)]
+
+
+def get_task(name: str, layer: str | None = None) -> TaskInfo:
+    """The task called ``name``; with ``layer``, also check that it has that layer."""
+    info = TASKS.get(name)
+    if info is None:
+        raise TaskError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    if layer is not None and not info.has(layer):
+        info.load(layer)  # raises the message that says what the task can do
+    return info
