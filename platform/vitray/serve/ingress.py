@@ -299,7 +299,8 @@ def _route_method(task: str, route: str):
     async def method(self, request: Request):
         return await self._answer(task, request)
 
-    method.__name__ = method.__qualname__ = f"post_{task}"
+    method.__name__ = f"post_{task}"
+    method.__qualname__ = f"{_Routes.__qualname__}.post_{task}"  # how Serve finds the class's routes
     return api.post(route, response_model=head.Response, response_model_exclude_none=True, responses=_ERRORS,
                     summary=head.summary, openapi_extra={"parameters": params, "requestBody": {
                         "required": True, "content": {
