@@ -20,7 +20,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .formats import IGNORE_INDEX
 
 __all__ = ["Sample", "Skipped", "SourceError", "open_source", "tar_samples", "SOURCE_FORMATS"]
 
@@ -164,6 +163,23 @@ def _png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+COCO_DEFAULT_TASK = "detection"
+
+
+def _coco_codec(task: str):
+    """The data codec of a task that reads COCO annotations (``from_coco``)."""
+    from vitray.tasks import TASKS, TaskError, get_task
+
+    readers = [n for n, t in TASKS.items() if t.has("data") and hasattr(t.load("data"), "from_coco")]
+    try:
+        codec = get_task(task, "data").load("data")
+    except TaskError as err:
+        raise SourceError(f"--task {task}: {err}") from None
+    if not hasattr(codec, "from_coco"):
+        raise SourceError(f"--task {task}: COCO packs for {' or '.join(readers)}")
+    return codec
+
+
 def coco(src: Path, images: Path | None, task: str) -> Source:
     ann_path = src
     if not ann_path.is_file():
@@ -184,9 +200,8 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
     by_image: dict[int, list[dict]] = {}
     for a in anns:
         by_image.setdefault(a["image_id"], []).append(a)
-    names = [c["name"] for c in cats]
-    if task == "segmentation":
-        names = ["background"] + names
+    codec = _coco_codec(task)
+    names = codec.coco_class_names([c["name"] for c in cats])
 
     def load(im):
         path = image_dir / im["file_name"]
@@ -199,25 +214,8 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
         sample = Sample(im["file_name"], raw, split, path=str(path))
         h, w = int(im["height"]), int(im["width"])
         objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in cat_index]
-        if task == "detection":
-            boxes, labels = [], []
-            for a in objs:
-                if a.get("iscrowd"):
-                    continue
-                x, y, bw, bh = a["bbox"]
-                x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
-                if x1 > x0 and y1 > y0:
-                    boxes.append([x0, y0, x1, y1])
-                    labels.append(cat_index[a["category_id"]])
-            sample.boxes, sample.box_labels = boxes, labels
-        else:
-            mask = np.zeros((h, w), dtype=np.uint8)
-            for a in sorted(objs, key=lambda a: -a.get("area", 0)):  # small objects painted last, on top
-                if "segmentation" not in a:
-                    continue
-                m = _rasterise(a["segmentation"], h, w).astype(bool)
-                mask[m] = IGNORE_INDEX if a.get("iscrowd") else cat_index[a["category_id"]] + 1
-            sample.mask = _png(mask)
+        for key, value in codec.from_coco(objs, h, w, cat_index).items():  # the task's targets (its data codec)
+            setattr(sample, key, value)
         return sample
 
     return Source(task, names, info={"annotations": str(ann_path), "images": str(image_dir)},
@@ -351,9 +349,7 @@ def open_source(fmt: str, src: str, *, task: str | None = None, images: str | No
     if fmt == "imagefolder":
         return imagefolder(path)
     if fmt == "coco":
-        if task not in (None, "detection", "segmentation"):
-            raise SourceError(f"--task {task}: COCO packs for detection or segmentation")
-        return coco(path, Path(images).expanduser() if images else None, task or "detection")
+        return coco(path, Path(images).expanduser() if images else None, task or COCO_DEFAULT_TASK)
     if fmt == "masks":
         return masks(path, Path(masks_dir).expanduser() if masks_dir else None)
     return webdataset(path)

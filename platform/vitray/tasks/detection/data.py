@@ -24,6 +24,22 @@ class DetectionCodec(Codec):
     def pack_row(self, sample):
         return {"boxes": sample.boxes, "box_labels": sample.box_labels}, list(sample.box_labels)
 
+    def coco_class_names(self, names: list[str]) -> list[str]:
+        return names
+
+    def from_coco(self, objs: list[dict], h: int, w: int, cat_index: dict) -> dict:
+        """Boxes (clipped to the image) and labels of a COCO image's objects; crowd regions are not objects."""
+        boxes, labels = [], []
+        for a in objs:
+            if a.get("iscrowd"):
+                continue
+            x, y, bw, bh = a["bbox"]
+            x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
+            if x1 > x0 and y1 > y0:
+                boxes.append([x0, y0, x1, y1])
+                labels.append(cat_index[a["category_id"]])
+        return {"boxes": boxes, "box_labels": labels}
+
     def begin(self, batch, n, img_size, max_boxes):
         return {"boxes": np.zeros((n, max_boxes, 4), dtype=np.float32),
                 "box_labels": np.full((n, max_boxes), -1, dtype=np.int64)}

@@ -27,6 +27,21 @@ class SegmentationCodec(Codec):
     def pack_row(self, sample):
         return {"mask": sample.mask}, sorted(set(decode_mask(sample.mask).ravel().tolist()) - {IGNORE_INDEX})
 
+    def coco_class_names(self, names: list[str]) -> list[str]:
+        return ["background"] + names  # mask value 0; category k is k + 1
+
+    def from_coco(self, objs: list[dict], h: int, w: int, cat_index: dict) -> dict:
+        """The COCO objects painted into one class-id mask (small objects last, on top; crowd regions ignored)."""
+        from vitray.data.sources import _png, _rasterise
+
+        mask = np.zeros((h, w), dtype=np.uint8)
+        for a in sorted(objs, key=lambda a: -a.get("area", 0)):
+            if "segmentation" not in a:
+                continue
+            m = _rasterise(a["segmentation"], h, w).astype(bool)
+            mask[m] = IGNORE_INDEX if a.get("iscrowd") else cat_index[a["category_id"]] + 1
+        return {"mask": _png(mask)}
+
     def begin(self, batch, n, img_size, max_boxes):
         return {"mask": np.full((n, img_size, img_size), IGNORE_INDEX, dtype=np.uint8)}
 

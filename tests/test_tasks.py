@@ -1,0 +1,261 @@
+"""The task interface: one registry, every layer found through it, and every task that can be trained and served
+taken through all of its layers (data codec -> training module on the real DeepSpeed engine -> export -> reload ->
+MLflow pyfunc -> HTTP through Ray Serve), with the answers compared layer against layer."""
+from __future__ import annotations
+
+import base64
+import io
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagegen import encode, make_imagefolder, rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKED = ["classification", "segmentation"]  # the tasks with every layer today; checked against the registry below
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_the_task_list_lives_in_one_place():
+    """No module outside vitray/tasks lists task names (a tuple, list, dict or Literal with two of them)."""
+    from vitray.tasks import TASKS, task_names
+
+    assert task_names("infer") == TASKED and task_names("train") == TASKED
+    names = "|".join(TASKS)
+    pattern = re.compile(rf'["\']({names})["\']\s*[,:)\]].*["\']({names})["\']')
+    offenders = []
+    for f in (ROOT / "platform" / "vitray").rglob("*.py"):
+        if "tasks" in f.relative_to(ROOT / "platform" / "vitray").parts[:1]:
+            continue
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            if pattern.search(line) or re.search(rf'==\s*["\']({names})["\']', line):
+                offenders.append(f"{f.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not offenders, "task names outside the registry:\n" + "\n".join(offenders)
+
+
+def test_a_task_without_a_layer_says_what_it_can_do():
+    from vitray.config import ConfigError, parse_config
+    from vitray.tasks import TaskError, get_task
+
+    with pytest.raises(TaskError, match="cannot be trained yet .*packed and streamed"):
+        get_task("detection", "train")
+    with pytest.raises(ConfigError, match=r"train\.task: unknown task 'mae' \(known: classification"):
+        parse_config({"train": {"task": "mae"}})
+    cfg = parse_config({"train": {"task": "segmentation"}})  # "auto" metrics follow the task
+    assert (cfg.cluster.checkpoint_score_metric, cfg.tracking.promotion_metric) == ("val/miou", "val/miou")
+    assert parse_config({}).tracking.promotion_metric == "val/top1"
+
+
+def test_mismatched_task_is_refused_before_ray_starts(tmp_path, digits, cli):
+    """Config vs manifest: exit 2 and one line, in seconds (no Ray, no MLflow run, no worker retries)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{path: {digits}}}\ntrain: {{task: segmentation, steps: 1}}\n"
+                   f"tracking: {{uri: sqlite:///{tmp_path}/m.db}}\n")
+    res = cli("train", str(cfg), timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "holds classification data" in res.stderr, res.stderr
+    assert not (tmp_path / "m.db").exists()  # refused before any MLflow run was opened
+    cfg.write_text("train: {task: detection}\n")
+    res = cli("train", str(cfg), timeout=120)
+    assert res.returncode == 2 and "cannot be trained yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_miou_matches_an_independent_implementation():
+    """One confusion matrix -> per-class IoU and mIoU, as torchmetrics computes them (classes absent from both truth
+    and prediction left out, ignore pixels skipped), and pixel accuracy."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    from vitray.tasks.segmentation.train import iou_from_confusion
+
+    g = torch.Generator().manual_seed(0)
+    c = 6
+    target = torch.randint(0, c - 1, (4, 32, 32), generator=g)  # class 5 never in the truth ...
+    pred = torch.where(torch.rand(4, 32, 32, generator=g) < 0.7, target, torch.randint(0, c - 1, (4, 32, 32), generator=g))
+    pred[pred == 4] = 3  # ... and class 4 never predicted; class 5 in neither: no IoU, not in the mean
+    target[:, :3] = 255
+    valid = target != 255
+    confusion = torch.bincount(target[valid] * c + pred[valid], minlength=c * c).view(c, c)
+    iou, present, acc = iou_from_confusion(confusion)
+    ref = MulticlassJaccardIndex(num_classes=c, average=None, ignore_index=255, zero_division=float("nan"))(pred, target)
+    assert present.tolist() == [True] * 5 + [False]
+    assert torch.allclose(iou[present].float(), ref[:5].float(), atol=1e-6)
+    assert float(iou[present].mean()) == pytest.approx(float(ref[:5].mean()), abs=1e-6)
+    assert acc == pytest.approx(float((pred[valid] == target[valid]).double().mean()), abs=1e-9)
+
+
+def test_masks_map_back_to_the_original_geometry():
+    """A model that calls the left half of its input class 1 and the right half class 2: the answer for an image of
+    any size splits that image at its own middle (the whole image was resized, nothing cropped)."""
+    from vitray.predict import Predictor
+
+    class Halves(torch.nn.Module):
+        def forward(self, x):
+            n, _, h, w = x.shape
+            logits = torch.zeros(n, 3, h, w)
+            logits[:, 1, :, : w // 2] = 1
+            logits[:, 2, :, w // 2:] = 1
+            return logits
+
+    meta = {"task": "segmentation", "class_names": ["bg", "left", "right"],
+            "preprocessing": {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
+                              "interpolation": "bicubic"}}
+    p = Predictor(Halves(), meta)
+    for w, h in ((97, 53), (20, 140), (32, 32)):
+        (mask,) = p.predict([encode(rgb(1, (w, h)))])
+        assert mask.shape == (h, w)
+        cols = (mask == 2).mean(axis=0)
+        assert (cols[: w // 2 - 1] == 0).all() and (cols[w // 2 + 1:] == 1).all(), (w, h)
+        frame = p.frame([encode(rgb(1, (w, h)))])
+        png = np.asarray(Image.open(io.BytesIO(frame["mask"][0])))
+        assert png.shape == (h, w) and (png == mask).all()
+
+
+# ------------------------------------------------------------------------------------- every task, every layer
+def _data(task: str, root: Path) -> tuple[str, int]:
+    """A small packed dataset of the task, as a user makes it; returns (shards, classes)."""
+    from vitray.data.compose import compose
+    from vitray.data.pack import pack
+
+    if task == "classification":
+        make_imagefolder(root / "src", classes=("ant", "bee", "cow"), per_class=6)
+        m = pack(str(root / "src"), str(root / "shards"), "imagefolder", val_fraction=0.3, progress=False)
+    else:
+        compose("-", str(root / "src"), source="sklearn-digits", classes="0,1", n=24, size=32)
+        m = pack(str(root / "src"), str(root / "shards"), "masks", val_fraction=0.3, progress=False)
+    return str(root / "shards"), m.num_classes
+
+
+def _train_two_steps(task: str, root: Path, tracking_uri: str) -> tuple[str, list[bytes]]:
+    """The task's data codec, training module and the real DeepSpeed engine (one gloo process), two optimizer steps,
+    then the export the trainer writes; returns (export folder, val images)."""
+    import pyarrow.parquet as pq
+    import torch.distributed as dist
+
+    from vitray.config import parse_config
+    from vitray.data.formats import Manifest
+    from vitray.data.pipeline import decode_batch, read_columns
+    from vitray.train.export import gather_fp32_state_dict, write_export
+    from vitray.train.loop import build_engine
+    from vitray.train.plan import make_plan
+    from vitray.train.tasks import build_task
+
+    shards, classes = _data(task, root)
+    cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": classes},
+                        "data": {"path": shards, "batch_size": 4}, "train": {"task": task, "steps": 2},
+                        "cluster": {"num_workers": 1}, "tracking": {"uri": tracking_uri}})
+    m = Manifest.read(shards)
+    table = pq.read_table(m.files(shards, "train")[0], columns=read_columns(task))
+    rows = {k: table.column(k).to_pylist() for k in table.column_names}
+    tr = {**cfg.data.train_transforms.model_dump(), "mean": cfg.data.mean}
+    batch = {k: torch.from_numpy(v) for k, v in decode_batch(rows, task=task, train=True, img_size=32, transforms=tr,
+                                                               max_pixels=10**6).items()}
+    assert batch.pop("ok").all()
+    t = build_task(cfg, m.class_names)
+    plan = make_plan(cfg, m.counts["train"])
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        engine, _ = build_engine(cfg, plan, t.build_model())
+        t.setup(torch.device("cpu"), torch.float32)
+        for _ in range(2):
+            loss = t.training_loss(engine, {k: v[:4] for k, v in batch.items()}, torch.float32)
+            engine.backward(loss)
+            engine.step()
+        assert torch.isfinite(loss)
+        export = root / "export"
+        write_export(str(export), gather_fp32_state_dict(engine), cfg, m.class_names, metrics={"step": 2})
+    finally:
+        dist.destroy_process_group()
+    val = pq.read_table(m.files(shards, "val")[0], columns=["image"]).column("image").to_pylist()[:3]
+    return str(export), val
+
+
+def _http_answer(task: str, body: dict, frame_row) -> None:
+    """The HTTP answer and the pyfunc's row agree (per task: what each returns)."""
+    if task == "classification":
+        assert np.abs(np.asarray(body["probs"]) - np.asarray(frame_row["probs"])).max() <= 1e-5
+    else:
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+        assert (served == np.asarray(Image.open(io.BytesIO(frame_row["mask"])))).all()
+        assert body["image"] == {"width": served.shape[1], "height": served.shape[0]}
+
+
+HTTP_PARAMS = {"classification": {"probs": "true"}, "segmentation": {}}
+
+
+@pytest.fixture(scope="module")
+def every_task(tmp_path_factory, ray_cluster):
+    from ray import serve
+
+    from vitray.config import TrackingConfig, parse_config
+    from vitray.serve import app
+    from vitray.tracking.registry import log_and_register
+
+    root = tmp_path_factory.mktemp("tasks")
+    tracking_uri = f"sqlite:///{root}/mlflow.db"
+    out = {}
+    for task in TASKED:
+        export, val = _train_two_steps(task, root / task, tracking_uri)
+        reg = log_and_register(export, TrackingConfig(uri=tracking_uri, registered_model=f"m-{task}"))
+        out[task] = {"export": export, "val": val, "registered": reg}
+    port = _free_port()
+    cfg = parse_config({"tracking": {"uri": tracking_uri}, "serve": {"port": port, "precision": "fp32", "models": [
+        {"name": f"m-{t}", "uri": f"models:/m-{t}@champion"} for t in TASKED]}})
+    app.deploy(cfg)
+    yield {"tasks": out, "url": f"http://127.0.0.1:{port}", "tracking_uri": tracking_uri}
+    serve.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKED)
+def test_every_task_trains_exports_reloads_and_answers_the_same_everywhere(task, every_task):
+    import mlflow
+    import pandas as pd
+    import requests
+
+    from vitray.models.export import load_export, read_export_meta
+    from vitray.predict import Predictor
+    from vitray.tasks import get_task
+    from vitray.tracking.uris import tracking_scope
+
+    t = every_task["tasks"][task]
+    meta = read_export_meta(t["export"])
+    assert meta["task"] == task and t["registered"].alias == "champion"
+    model, _ = load_export(t["export"])
+    direct = Predictor(model, meta).frame(t["val"])
+    with tracking_scope(every_task["tracking_uri"]):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/m-{task}@champion").predict(pd.DataFrame({"image": t["val"]}))
+    assert list(pyfunc.columns) == list(direct.columns)
+    for i in range(len(t["val"])):
+        _http_answer(task, _row_as_body(task, direct.iloc[i]), pyfunc.iloc[i])  # export == registered pyfunc
+        r = requests.post(every_task["url"] + get_task(task).route, data=t["val"][i], timeout=60,
+                          params={"model": f"m-{task}", **HTTP_PARAMS[task]}, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == f"m-{task}" and r.json()["version"] == "1"
+        _http_answer(task, r.json(), pyfunc.iloc[i])
+    # the route of another task does not serve this model
+    other = next(x for x in TASKED if x != task)
+    r = requests.post(every_task["url"] + get_task(other).route, data=t["val"][0], timeout=60,
+                      params={"model": f"m-{task}"}, headers={"content-type": "image/png"})
+    assert r.status_code == 404 and f"no {other} model" in r.json()["error"]
+    models = requests.get(every_task["url"] + "/v1/models", timeout=30).json()["models"]
+    assert {m["name"]: (m["task"], m["route"]) for m in models}[f"m-{task}"] == (task, get_task(task).route)
+
+
+def _row_as_body(task: str, row) -> dict:
+    """The direct predictor's row in the shape of an HTTP answer (to compare it with the pyfunc the same way)."""
+    if task == "classification":
+        return {"probs": row["probs"]}
+    mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
+    return {"mask_png": base64.b64encode(row["mask"]).decode(), "image": {"width": mask.shape[1], "height": mask.shape[0]}}
