@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import re
 import socket
 from pathlib import Path
@@ -146,7 +147,7 @@ def _train_two_steps(task: str, root: Path, tracking_uri: str) -> tuple[str, lis
     from vitray.data.formats import Manifest
     from vitray.data.pipeline import decode_batch, read_columns
     from vitray.train.export import gather_fp32_state_dict, write_export
-    from vitray.train.loop import build_engine
+    from vitray.train.loop import _prepare_cpu_deepspeed, build_engine
     from vitray.train.plan import make_plan
     from vitray.train.tasks import build_task
 
@@ -163,20 +164,21 @@ def _train_two_steps(task: str, root: Path, tracking_uri: str) -> tuple[str, lis
     assert batch.pop("ok").all()
     t = build_task(cfg, m.class_names)
     plan = make_plan(cfg, m.counts["train"])
-    if not dist.is_initialized():
+    _prepare_cpu_deepspeed()  # as a CPU worker does: no JIT build of DeepSpeed's shared-memory op
+    if not dist.is_initialized():  # one gloo group for this test process (DeepSpeed caches its groups)
+        for k in ("LOCAL_RANK", "RANK"):
+            os.environ.setdefault(k, "0")  # what a launcher (Ray Train) sets
+        os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        engine, _ = build_engine(cfg, plan, t.build_model())
-        t.setup(torch.device("cpu"), torch.float32)
-        for _ in range(2):
-            loss = t.training_loss(engine, {k: v[:4] for k, v in batch.items()}, torch.float32)
-            engine.backward(loss)
-            engine.step()
-        assert torch.isfinite(loss)
-        export = root / "export"
-        write_export(str(export), gather_fp32_state_dict(engine), cfg, m.class_names, metrics={"step": 2})
-    finally:
-        dist.destroy_process_group()
+    engine, _ = build_engine(cfg, plan, t.build_model())
+    t.setup(torch.device("cpu"), torch.float32)
+    for _ in range(2):
+        loss = t.training_loss(engine, {k: v[:4] for k, v in batch.items()}, torch.float32)
+        engine.backward(loss)
+        engine.step()
+    assert torch.isfinite(loss)
+    export = root / "export"
+    write_export(str(export), gather_fp32_state_dict(engine), cfg, m.class_names, metrics={"step": 2})
     val = pq.read_table(m.files(shards, "val")[0], columns=["image"]).column("image").to_pylist()[:3]
     return str(export), val
 
