@@ -125,5 +125,5 @@ def test_serve_replicas_that_cannot_be_placed_fail_before_deploying(ray_cluster,
     with pytest.raises(CapacityError) as err:
         _ensure_capacity(cfg)  # the session cluster has 4 CPUs: 0.5 + 5 x 1 do not fit
     assert "reserve 5.5 CPU but the cluster has 4" in str(err.value) and "serve.min_replicas" in str(err.value)
-    assert "1 ingress replica x 0.5 CPU + 1 classifier-m0 replica x 1 CPU" in capsys.readouterr().out
+    assert "1 ingress replica x 0.5 CPU + 1 model-m0 replica x 1 CPU" in capsys.readouterr().out
     _ensure_capacity(parse_config({"serve": {"models": models[:2], "cpus_per_replica": 1}}))  # 2.5 of 4: fine

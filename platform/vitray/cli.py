@@ -357,7 +357,8 @@ def cmd_ui(args) -> int:
 def cmd_quickstart(args) -> int:
     from vitray.quickstart import run_quickstart
 
-    return run_quickstart(home=args.home, overrides=args.overrides)
+    run_quickstart(home=args.home, overrides=args.overrides, task=args.task)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- cluster runs
@@ -529,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=None, help="where the demo writes (default: $VITRAY_HOME or ~/.vitray)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the quickstart config")
+    from vitray.tasks import TASKS
+
+    demos = [n for n, t in TASKS.items() if t.demo]
+    p.add_argument("--task", default=demos[0], choices=demos, help=f"which task's demo (default {demos[0]})")
     p.set_defaults(func=cmd_quickstart)
     captured(p, "quickstart")
 

@@ -17,7 +17,7 @@ import torch
 from vitray.config import MAX_PIXELS
 from vitray.data.decode import DecodeError, decode_image
 
-__all__ = ["Predictor", "prepare", "normalise", "decode_item", "evaluate_export", "InputError", "resolve_precision",
+__all__ = ["Predictor", "prepare", "normalise", "decode_item", "evaluate_export", "export_metrics", "InputError", "resolve_precision",
            "head_of"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -179,22 +179,44 @@ class Predictor:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
 
-@torch.no_grad()
 def evaluate_export(model, meta: dict, shards: str, split: str = "val", batch_size: int = 256) -> tuple[float, int]:
-    """Top-1 of an exported classifier over one split of packed shards, one process, no Ray."""
+    """(the task's primary metric, images) of an exported model over one split: see :func:`export_metrics`."""
+    from vitray.tasks import get_task
+
+    metrics, n = export_metrics(model, meta, shards, split, batch_size)
+    return metrics[get_task(meta.get("task", "classification")).primary_metric], n
+
+
+@torch.no_grad()
+def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_size: int = 256) -> tuple[dict, int]:
+    """The val metrics of an exported model over one split of packed shards, in one process, no Ray: rows decoded
+    by the val pipeline's own function, outputs scored by the task's training metric (``val/top1``, ``val/miou``,
+    ...). Returns (metrics, images)."""
     import pyarrow.parquet as pq
 
+    from vitray.config import parse_config
     from vitray.data.formats import Manifest
+    from vitray.data.pipeline import decode_batch, read_columns
+    from vitray.train.tasks import build_task
 
+    task = meta.get("task", "classification")
+    names = list(meta.get("class_names") or [])
+    pre = meta["preprocessing"]
+    cfg = parse_config({"model": {"name": meta["model"]["name"], "num_classes": len(names)}, "train": {"task": task}})
+    metric = build_task(cfg, names).metric()
     predictor = Predictor(model, meta)
     m = Manifest.read(shards)
-    correct = n = 0
+    n = 0
     for f in m.files(shards, split):
-        table = pq.read_table(f, columns=["image", "label"])
-        images, labels = table.column("image").to_pylist(), np.asarray(table.column("label"))
-        for i in range(0, len(images), batch_size):
-            crops, _ = predictor.prepare_all(images[i:i + batch_size])
-            pred = predictor.forward(crops).argmax(1).cpu().numpy()
-            correct += int((pred == labels[i:i + batch_size]).sum())
-            n += len(pred)
-    return correct / max(n, 1), n
+        table = pq.read_table(f, columns=read_columns(task))
+        for i in range(0, table.num_rows, batch_size):
+            rows = {k: v.to_pylist() for k, v in zip(table.column_names, table.slice(i, batch_size).columns)}
+            batch = decode_batch(rows, task=task, train=False, img_size=int(pre["img_size"]),
+                                 transforms={"crop_pct": pre["crop_pct"]}, max_pixels=predictor.max_pixels,
+                                 interpolation=pre["interpolation"])
+            ok = batch.pop("ok")
+            batch = {k: torch.from_numpy(v[ok]) for k, v in batch.items()}
+            metric.update(predictor.forward(batch["image"].numpy()), batch)
+            n += int(ok.sum())
+    metric.sync(lambda t: t)
+    return metric.compute(), n

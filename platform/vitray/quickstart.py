@@ -1,23 +1,69 @@
-"""``vitray quickstart``: the whole product on the embedded defaults, on a laptop, in minutes.
+"""``vitray quickstart [--task T]``: the whole product on the embedded defaults, on a laptop, in minutes.
 
 Each stage prints what it did and where its output went; the closing summary lists them all.
-Stages run in data-flow order; each later subsystem adds its stage here.
+Stages run in data-flow order; each later subsystem adds its stage here. The task (``vitray.tasks``) names its
+embedded config and demo dataset; every stage is the same for every task.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from vitray.config import dump_config, load_config, vitray_home
 from vitray.console import log_to, say
 
-__all__ = ["run_quickstart", "quickstart_config_path"]
+__all__ = ["run_quickstart", "quickstart_config_path", "QuickstartResult"]
 
 
-def quickstart_config_path() -> Path:
-    return Path(str(resources.files("vitray") / "configs" / "quickstart.yaml"))
+def quickstart_config_path(task: str = "classification") -> Path:
+    from vitray.tasks import get_task
+
+    demo = get_task(task).demo
+    if demo is None:
+        from vitray.tasks import TaskError
+
+        raise TaskError(f"task {task!r} has no quickstart demo yet")
+    return Path(str(resources.files("vitray") / "configs" / demo[0]))
+
+
+def _pack_digits(root: Path):
+    """scikit-learn's bundled 8x8 digits (1,797 images) packed into shards."""
+    from vitray.data.pack import pack
+
+    return pack("-", str(root / "shards"), "sklearn-digits", val_fraction=0.1, overwrite=True, progress=False), \
+        "scikit-learn's bundled digits"
+
+
+def _compose_digit_scenes(root: Path):
+    """2,000 scenes of 32 px composed from the digits 0, 1 and 2 (exact masks), packed as a mask folder."""
+    from vitray.data.compose import compose
+    from vitray.data.pack import pack
+
+    composed = compose("-", str(root / "scenes"), source="sklearn-digits", classes="0,1,2", n=2000, size=32,
+                       overwrite=True)
+    return pack(str(root / "scenes"), str(root / "shards"), "masks", val_fraction=0.2, overwrite=True,
+                progress=False), f"{composed.items:,} digits composed into scenes at {root / 'scenes'}"
+
+
+DEMO_DATA = {"digits": _pack_digits, "digit-scenes": _compose_digit_scenes}  # the datasets TaskInfo.demo names
+
+
+@dataclass
+class QuickstartResult:
+    """Where everything went (also printed as the closing summary)."""
+
+    task: str
+    config: str
+    shards: str
+    metrics: dict = field(default_factory=dict)
+    export_dir: str | None = None
+    model_uri: str | None = None       # the registered champion, models:/NAME@champion
+    predictions: str | None = None
+    tracking_uri: str | None = None
+    log: str | None = None
 
 
 def _stage(n: int, title: str) -> float:
@@ -25,19 +71,29 @@ def _stage(n: int, title: str) -> float:
     return time.perf_counter()
 
 
-def run_quickstart(home: str | None = None, overrides: list[str] | None = None) -> int:
-    root = (Path(home).expanduser() if home else vitray_home()) / "quickstart"
+def run_quickstart(home: str | None = None, overrides: list[str] | None = None,
+                   task: str = "classification") -> QuickstartResult:
+    from vitray.tasks import get_task, task_names
+
+    get_task(task, "infer")  # a task that cannot be served has no demo to run
+    quickstart_config_path(task)
+    base = (Path(home).expanduser() if home else vitray_home()) / "quickstart"
+    root = base if task == task_names()[0] else base / task  # the first task's demo keeps the plain layout
     root.mkdir(parents=True, exist_ok=True)
     with log_to(root / "logs" / f"quickstart-{time.strftime('%Y%m%d-%H%M%S')}.log") as log_path:
-        return _stages(root, home, overrides, log_path)
+        return _stages(root, home, overrides, log_path, task)
 
 
-def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path: Path | None) -> int:
+def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path: Path | None,
+            task: str) -> QuickstartResult:
+    from vitray.tasks import get_task
+
     t_start = time.perf_counter()
     summary: list[tuple[str, str]] = []
+    info = get_task(task)
 
-    t = _stage(1, "config: embedded defaults, resolved")
-    cfg = load_config(quickstart_config_path(), overrides)
+    t = _stage(1, f"config: embedded defaults for {task}, resolved")
+    cfg = load_config(quickstart_config_path(task), overrides)
     from vitray.config import check_config
 
     check_config(cfg)
@@ -46,16 +102,16 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
     say(f"    resolved config -> {cfg_path} ({time.perf_counter() - t:.1f}s)")
     summary.append(("resolved config", str(cfg_path)))
 
-    t = _stage(2, "data: pack scikit-learn's bundled digits into shards")
-    from vitray.data.pack import pack
-
+    t = _stage(2, f"data: {DEMO_DATA[info.demo[1]].__doc__.splitlines()[0][:-1]}")
     shards = root / "shards"
-    manifest = pack("-", str(shards), "sklearn-digits", val_fraction=0.1, overwrite=True, progress=False)
+    manifest, what = DEMO_DATA[info.demo[1]](root)
     cfg.data.path = str(shards)
     dump_config(cfg, cfg_path)
-    say(f"    {sum(manifest.counts.values()):,} images ({', '.join(f'{k} {v}' for k, v in manifest.counts.items())}) "
-          f"in {len(manifest.shards)} shards -> {shards} ({time.perf_counter() - t:.1f}s)")
+    say(f"    {what}: {sum(manifest.counts.values()):,} images "
+        f"({', '.join(f'{k} {v}' for k, v in manifest.counts.items())}) in {len(manifest.shards)} shards -> {shards} "
+        f"({time.perf_counter() - t:.1f}s)")
     summary.append(("shards", str(shards)))
+    result_out = QuickstartResult(task, str(cfg_path), str(shards))
 
     t = _stage(3, f"train: {cfg.model.name} on {cfg.cluster.num_workers} Ray Train workers, DeepSpeed "
                   f"ZeRO-{cfg.deepspeed.zero_stage} {cfg.deepspeed.precision}")
@@ -70,21 +126,23 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
 
     started_ray = init_ray(None, _local_cpus(cfg))  # owned here: training leaves it up for the serving stage
     result = run_training(cfg)
-    top1 = result.metrics.get("val/top1")
-    say(f"    val top-1 {top1:.3f} after {result.metrics.get('step')} optimizer steps ({result.seconds:.0f}s)")
+    primary, label = info.primary_metric, info.primary_label
+    say(f"    val {label} {result.metrics.get(primary, float('nan')):.3f} after {result.metrics.get('step')} optimizer "
+        f"steps ({result.seconds:.0f}s)")
+    result_out.metrics, result_out.export_dir = dict(result.metrics), result.export_dir
     summary.append(("run storage", result.run_dir))
     summary.append(("exported model", result.export_dir))
     summary.append(("metrics log", f"{result.run_dir}/metrics.jsonl"))
 
-    t = _stage(4, "check the export offline: load it and classify the val split without Ray")
+    t = _stage(4, "check the export offline: load it and evaluate the val split without Ray")
     from vitray.models.export import load_export
 
-    from .predict import evaluate_export
+    from .predict import export_metrics
 
     model, meta = load_export(result.export_dir)
-    acc, n = evaluate_export(model, meta, str(shards), split=cfg.data.val_split)
-    say(f"    {n} val images, top-1 {acc:.3f} from {meta['model']['name']} with classes "
-          f"{', '.join(meta['class_names'])} ({time.perf_counter() - t:.1f}s)")
+    offline, n = export_metrics(model, meta, str(shards), split=cfg.data.val_split)
+    say(f"    {n} val images, {label} {offline[primary]:.3f} from {meta['model']['name']} with classes "
+        f"{', '.join(meta['class_names'])} ({time.perf_counter() - t:.1f}s)")
 
     t = _stage(5, "MLflow: the run, the registered version and its alias; load it back as an MLflow pyfunc")
     reg = result.registration
@@ -100,10 +158,12 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
         from .tracking import tracking_scope
 
         with tracking_scope(default_tracking_uri(cfg.tracking.uri)):
-            agree, n = _pyfunc_agrees(reg.registry_uri, result.export_dir, str(shards), cfg.data.val_split)
+            gap, n = _pyfunc_agrees(reg.registry_uri, result.export_dir, str(shards), cfg.data.val_split)
         say(f"    {reg.name} v{reg.version} -> @{reg.alias} ({reg.reason})")
-        say(f"    mlflow.pyfunc.load_model('{reg.registry_uri}') on {n} val images: top-1 {agree['top1']:.3f}, "
-              f"max |p - p_export| {agree['max_abs_diff']:.1e} ({time.perf_counter() - t:.1f}s)")
+        say(f"    mlflow.pyfunc.load_model('{reg.registry_uri}') on {n} val images: max |p - p_export| {gap:.1e} "
+            f"({time.perf_counter() - t:.1f}s)")
+        result_out.model_uri = f"models:/{reg.name}@{reg.alias}"
+        result_out.tracking_uri = default_tracking_uri(cfg.tracking.uri)
         from .tracking.uris import client_for
 
         versions = model_versions(client_for(default_tracking_uri(cfg.tracking.uri)), reg.name)
@@ -120,16 +180,18 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
         say(f"    {scored.rows:,} rows ({scored.error_rows} errors) -> {scored.output} at {scored.images_per_s:.0f} img/s "
               f"({time.perf_counter() - t:.1f}s; MLflow run {scored.mlflow_run_id})")
         summary.append(("predictions", scored.output))
+        result_out.predictions = scored.output
 
     t = _stage(7, "serve: the registered model behind Ray Serve on 127.0.0.1, one HTTP request")
     if reg is None or not reg.version:
         say("    skipped: no registered model")
     else:
-        url, label, body, precision = _serve_one(cfg, f"models:/{reg.name}@{reg.alias}", str(shards),
-                                                 cfg.data.val_split)
-        top = body["predictions"][0]
-        say(f"    POST {url} with a val image of a {label!r} -> {top['name']!r} (p={top['score']:.3f}) from "
-              f"{body['model']} v{body['version']} @{body['alias']}, {precision} ({time.perf_counter() - t:.1f}s)")
+        url, image_id, body, precision = _serve_one(cfg, f"models:/{reg.name}@{reg.alias}", str(shards),
+                                                    cfg.data.val_split, info.route)
+        from .predict import head_of
+
+        say(f"    POST {url} with val image {image_id} -> {head_of({'task': task}).summary_of(body)} from "
+            f"{body['model']} v{body['version']} @{body['alias']}, {precision} ({time.perf_counter() - t:.1f}s)")
         say(f"    serve it yourself: vitray serve --model models:/{reg.name}@{reg.alias}")
     if started_ray:
         import ray
@@ -138,6 +200,7 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
 
     if log_path is not None:
         summary.append(("log", str(log_path)))
+        result_out.log = str(log_path)
     say(f"\nquickstart done in {time.perf_counter() - t_start:.1f}s")
     for what, where in summary:
         say(f"  {what:<18} {where}")
@@ -150,9 +213,9 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
         ui = "vitray ui" if uri == default_tracking_uri(None) else (
             f"vitray ui --home {home}" if home and uri == _home_store(home) else f"vitray ui --tracking-uri {uri}")
         exp = _experiment_id(cfg, result.mlflow_run_id)
-        say(f"see the run's curves and confusion matrix: {ui}, then open "
+        say(f"see the run's curves and {info.pictures}: {ui}, then open "
             f"{run_url('http://127.0.0.1:5000', exp, result.mlflow_run_id) if exp else 'the URL it prints'}")
-    return 0
+    return result_out
 
 
 def _home_store(home: str) -> str:
@@ -170,8 +233,9 @@ def _experiment_id(cfg, run_id: str | None) -> str | None:
         return None
 
 
-def _pyfunc_agrees(model_uri: str, export_dir: str, shards: str, split: str) -> tuple[dict, int]:
-    """Top-1 of the registered pyfunc over ``split``, and its largest probability gap to the export run directly."""
+def _pyfunc_agrees(model_uri: str, export_dir: str, shards: str, split: str) -> tuple[float, int]:
+    """The largest difference between the registered pyfunc's answers over ``split`` and the export's own (numbers:
+    absolute difference; bytes such as PNG masks: 0 when equal, 1 when not), and the number of images."""
     import mlflow
     import numpy as np
     import pandas as pd
@@ -182,20 +246,21 @@ def _pyfunc_agrees(model_uri: str, export_dir: str, shards: str, split: str) -> 
 
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     direct = Predictor.from_export(export_dir)
-    correct = n = 0
-    diff = 0.0
+    gap, n = 0.0, 0
     for f in Manifest.read(shards).files(shards, split):
-        table = pq.read_table(f, columns=["image", "label"])
-        images, labels = table.column("image").to_pylist(), np.asarray(table.column("label"))
-        out = pyfunc.predict(pd.DataFrame({"image": images}))
-        probs = np.stack(out["probs"].to_numpy())
-        diff = max(diff, float(np.abs(probs - direct.probabilities(images)).max()))
-        correct += int((out["label"].to_numpy() == labels).sum())
-        n += len(labels)
-    return {"top1": correct / max(n, 1), "max_abs_diff": diff}, n
+        images = pq.read_table(f, columns=["image"]).column("image").to_pylist()
+        got, want = pyfunc.predict(pd.DataFrame({"image": images})), direct.frame(images)
+        for col in want.columns:
+            for a, b in zip(got[col], want[col]):
+                if isinstance(b, (bytes, str)):
+                    gap = max(gap, float(a != b))
+                else:
+                    gap = max(gap, float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max()))
+        n += len(images)
+    return gap, n
 
 
-def _serve_one(cfg, model_uri: str, shards: str, split: str) -> tuple[str, str, dict, str]:
+def _serve_one(cfg, model_uri: str, shards: str, split: str, route: str) -> tuple[str, str, dict, str]:
     """Deploy ``model_uri`` with the real Serve application, POST one val image, shut Serve down."""
     import json
     import socket
@@ -217,16 +282,16 @@ def _serve_one(cfg, model_uri: str, shards: str, split: str) -> tuple[str, str, 
     cfg.serve.port = port
     cfg.serve.models = [model_from_uri(model_uri)]
     manifest = Manifest.read(shards)
-    row = pq.read_table(manifest.files(shards, split)[0], columns=["image", "label"]).slice(0, 1).to_pylist()[0]
+    row = pq.read_table(manifest.files(shards, split)[0], columns=["id", "image"]).slice(0, 1).to_pylist()[0]
     try:
         deploy(cfg)
-        url = f"http://{cfg.serve.host}:{port}/v1/classify"
+        url = f"http://{cfg.serve.host}:{port}{route}"
         ctype = "image/png" if row["image"][:4] == b"\x89PNG" else "image/jpeg"
-        req = urllib.request.Request(url + "?top_k=3", data=row["image"], method="POST", headers={"content-type": ctype})
+        req = urllib.request.Request(url, data=row["image"], method="POST", headers={"content-type": ctype})
         with urllib.request.urlopen(req, timeout=60) as resp:
             body = json.loads(resp.read())
         info = urllib.request.urlopen(f"http://{cfg.serve.host}:{port}/v1/models", timeout=60).read()
         precision = json.loads(info)["models"][0]["precision"]
     finally:
         serve.shutdown()
-    return url, manifest.class_names[row["label"]], body, precision
+    return url, row["id"], body, precision

@@ -32,9 +32,12 @@ class TaskInfo:
     summary: str
     primary_metric: str            # what the promotion gate and checkpoint scoring default to
     mode: str                      # "max" or "min" for primary_metric
+    primary_label: str             # how people write it ("top-1", "mIoU")
     columns: tuple[str, ...]       # shard columns beside id/image/width/height/split
     route: str | None = None       # HTTP route of its answers
     options: str | None = None     # the config section of its own options (``RunConfig.<options>``)
+    demo: tuple[str, str] | None = None  # `vitray quickstart --task`: (embedded config file, demo dataset)
+    pictures: str = "pictures"     # what its runs draw into MLflow, as the quickstart names it
     layers: dict[str, str] = field(default_factory=dict)  # layer -> "module:attribute"
 
     def has(self, layer: str) -> bool:
@@ -55,11 +58,13 @@ def _layers(task: str, *names: str) -> dict[str, str]:
 
 
 TASKS: dict[str, TaskInfo] = {t.name: t for t in (
-    TaskInfo("classification", "one label per image", "val/top1", "max", ("label",), "/v1/classify",
-             layers=_layers("classification", *LAYERS)),
-    TaskInfo("segmentation", "a class per pixel", "val/miou", "max", ("mask",), "/v1/segment",
-             options="segmentation", layers=_layers("segmentation", *LAYERS)),
-    TaskInfo("detection", "boxes with labels", "val/map", "max", ("boxes", "box_labels"), "/v1/detect",
+    TaskInfo("classification", "one label per image", "val/top1", "max", "top-1", ("label",), "/v1/classify",
+             demo=("quickstart.yaml", "digits"), pictures="confusion matrix", layers=_layers("classification", *LAYERS)),
+    TaskInfo("segmentation", "a class per pixel", "val/miou", "max", "mIoU", ("mask",), "/v1/segment",
+             options="segmentation", demo=("quickstart-segmentation.yaml", "digit-scenes"),
+             pictures="predicted masks",
+             layers=_layers("segmentation", *LAYERS)),
+    TaskInfo("detection", "boxes with labels", "val/map", "max", "mAP", ("boxes", "box_labels"), "/v1/detect",
              layers=_layers("detection", "data")),
 )}
 

@@ -107,6 +107,10 @@ class ClassificationHead:
             "top_k_probs": pa.array([r.tolist() if g else None for r, g in zip(probs, good)], pa.list_(pa.float32())),
         }
 
+    def summary_of(self, body: dict) -> str:
+        top = body["predictions"][0]
+        return f"{top['name']!r} (p={top['score']:.3f})"
+
     def describe(self, meta: dict) -> str:
         return f"{len(meta.get('class_names') or [])} classes"
 

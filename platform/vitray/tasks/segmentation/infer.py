@@ -144,6 +144,10 @@ class SegmentationHead:
                                     pa.map_(pa.string(), pa.int64())),
         }
 
+    def summary_of(self, body: dict) -> str:
+        areas = ", ".join(f"{k} {v}" for k, v in sorted(body["class_areas"].items(), key=lambda kv: -kv[1]))
+        return f"a {body['image']['width']}x{body['image']['height']} mask ({areas} px)"
+
     def describe(self, meta: dict) -> str:
         return f"{len(meta.get('class_names') or [])} classes, masks at the original size"
 
