@@ -261,3 +261,20 @@ def _row_as_body(task: str, row) -> dict:
         return {"probs": row["probs"]}
     mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
     return {"mask_png": base64.b64encode(row["mask"]).decode(), "image": {"width": mask.shape[1], "height": mask.shape[0]}}
+
+
+@pytest.mark.parametrize("task", TASKED)
+def test_validation_decodes_an_image_exactly_as_serving_does(task):
+    """The val pipeline's decode + eval transform and the predictor's prepare give the same pixels, for a large JPEG
+    too (the train path may decode JPEGs at a reduced DCT scale; validation must not, or the gated metric would not
+    be the served model's)."""
+    from vitray.data.pipeline import decode_batch
+    from vitray.predict import prepare
+
+    big = encode(rgb(3, (640, 480)), "JPEG", quality=90)
+    meta = {"task": task, "preprocessing": {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
+                                            "interpolation": "bicubic"}}
+    row = {"image": [big], "label": [0], "mask": [encode(Image.new("L", (640, 480), 1))]}
+    val = decode_batch(row, task=task, train=False, img_size=32, transforms={"crop_pct": 0.875}, max_pixels=10**8)
+    served, size = prepare(big, meta)
+    assert size == (480, 640) and (val["image"][0] == served).all()

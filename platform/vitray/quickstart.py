@@ -30,22 +30,22 @@ def quickstart_config_path(task: str = "classification") -> Path:
 
 
 def _pack_digits(root: Path):
-    """scikit-learn's bundled 8x8 digits (1,797 images) packed into shards."""
+    """pack scikit-learn's bundled digits into shards."""
     from vitray.data.pack import pack
 
     return pack("-", str(root / "shards"), "sklearn-digits", val_fraction=0.1, overwrite=True, progress=False), \
-        "scikit-learn's bundled digits"
+        ""
 
 
 def _compose_digit_scenes(root: Path):
-    """2,000 scenes of 32 px composed from the digits 0, 1 and 2 (exact masks), packed as a mask folder."""
+    """compose 2,000 scenes of 32 px from scikit-learn's digits 0, 1, 2 (exact masks), pack them as a mask folder."""
     from vitray.data.compose import compose
     from vitray.data.pack import pack
 
     composed = compose("-", str(root / "scenes"), source="sklearn-digits", classes="0,1,2", n=2000, size=32,
                        overwrite=True)
     return pack(str(root / "scenes"), str(root / "shards"), "masks", val_fraction=0.2, overwrite=True,
-                progress=False), f"{composed.items:,} digits composed into scenes at {root / 'scenes'}"
+                progress=False), f"{composed.items:,} digits in scenes at {root / 'scenes'}: "
 
 
 DEMO_DATA = {"digits": _pack_digits, "digit-scenes": _compose_digit_scenes}  # the datasets TaskInfo.demo names
@@ -92,7 +92,7 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
     summary: list[tuple[str, str]] = []
     info = get_task(task)
 
-    t = _stage(1, f"config: embedded defaults for {task}, resolved")
+    t = _stage(1, "config: embedded defaults, resolved")
     cfg = load_config(quickstart_config_path(task), overrides)
     from vitray.config import check_config
 
@@ -102,12 +102,12 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
     say(f"    resolved config -> {cfg_path} ({time.perf_counter() - t:.1f}s)")
     summary.append(("resolved config", str(cfg_path)))
 
-    t = _stage(2, f"data: {DEMO_DATA[info.demo[1]].__doc__.splitlines()[0][:-1]}")
+    t = _stage(2, f"data: {DEMO_DATA[info.demo[1]].__doc__.strip()[:-1]}")
     shards = root / "shards"
     manifest, what = DEMO_DATA[info.demo[1]](root)
     cfg.data.path = str(shards)
     dump_config(cfg, cfg_path)
-    say(f"    {what}: {sum(manifest.counts.values()):,} images "
+    say(f"    {what}{sum(manifest.counts.values()):,} images "
         f"({', '.join(f'{k} {v}' for k, v in manifest.counts.items())}) in {len(manifest.shards)} shards -> {shards} "
         f"({time.perf_counter() - t:.1f}s)")
     summary.append(("shards", str(shards)))
