@@ -278,3 +278,33 @@ def test_validation_decodes_an_image_exactly_as_serving_does(task):
     val = decode_batch(row, task=task, train=False, img_size=32, transforms={"crop_pct": 0.875}, max_pixels=10**8)
     served, size = prepare(big, meta)
     assert size == (480, 640) and (val["image"][0] == served).all()
+
+
+def test_segmentation_fine_tunes_from_a_classifier_export_with_a_new_head(tmp_path):
+    """A classification export initialises the segmenter's backbone (its classifier dropped, the decoder new); a
+    segmentation export initialises the decoder too."""
+    from vitray.config import parse_config
+    from vitray.models import create_model
+    from vitray.models.export import save_export
+    from vitray.tasks import get_task
+
+    torch.manual_seed(0)
+    clf = create_model("vit_pico_patch4_32", num_classes=10)
+    pre = {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bicubic"}
+    save_export(tmp_path / "clf", clf.state_dict(), task="classification", class_names=[str(i) for i in range(10)],
+                preprocessing=pre, model={"name": "vit_pico_patch4_32", "num_classes": 10, "img_size": 32,
+                                          "in_chans": 3, "pos_embed": "learned", "global_pool": "token"})
+    arch = get_task("segmentation").load("model")
+    cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": 4, "img_size": 32,
+                                  "checkpoint": str(tmp_path / "clf")}, "train": {"task": "segmentation"}})
+    seg = arch.for_training(cfg)
+    own = clf.state_dict()
+    for k, v in seg.backbone.state_dict().items():
+        assert torch.equal(v, own[k]), k
+    assert not any(k.startswith("head.") and own[k].shape == v.shape for k, v in seg.backbone.state_dict().items())
+    save_export(tmp_path / "seg", seg.state_dict(), task="segmentation", class_names=list("abcd"), preprocessing=pre,
+                model=arch.arch(cfg, 32))
+    again = arch.for_training(parse_config({**cfg.model_dump(mode="json"),
+                                            "model": {**cfg.model.model_dump(), "checkpoint": str(tmp_path / "seg")}}))
+    for k, v in seg.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
