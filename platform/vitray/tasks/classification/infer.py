@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vitray.tasks.classification.data import CODEC
-from vitray.tasks.infer_base import eval_input
+from vitray.tasks.infer_base import InferenceHead
 
 __all__ = ["HEAD", "ClassifyParams", "ClassifyResponse"]
 
@@ -40,13 +40,11 @@ def _name(names: list[str], i: int) -> str:
     return names[i] if 0 <= i < len(names) else str(i)
 
 
-class ClassificationHead:
+class ClassificationHead(InferenceHead):
     Params = ClassifyParams
     Response = ClassifyResponse
+    codec = CODEC
     summary = "Classify one image"
-
-    def prepare(self, rgb: np.ndarray, meta: dict) -> np.ndarray:
-        return eval_input(rgb, meta, CODEC)
 
     def postprocess(self, outputs, sizes, meta) -> np.ndarray:
         """(N, classes) logits -> (N, classes) float32 probabilities (rows are the answers)."""
@@ -110,9 +108,6 @@ class ClassificationHead:
     def summary_of(self, body: dict) -> str:
         top = body["predictions"][0]
         return f"{top['name']!r} (p={top['score']:.3f})"
-
-    def describe(self, meta: dict) -> str:
-        return f"{len(meta.get('class_names') or [])} classes"
 
 
 HEAD = ClassificationHead()

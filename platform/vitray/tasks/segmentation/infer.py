@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from vitray.tasks.infer_base import eval_input, png_bytes
+from vitray.tasks.infer_base import InferenceHead, png_bytes
 from vitray.tasks.segmentation.data import CODEC
 
 __all__ = ["HEAD", "SegmentParams", "SegmentResponse", "class_areas"]
@@ -72,13 +72,11 @@ def _resize_logits(logits, size: tuple[int, int]):
     return out
 
 
-class SegmentationHead:
+class SegmentationHead(InferenceHead):
     Params = SegmentParams
     Response = SegmentResponse
+    codec = CODEC
     summary = "Segment one image: a class id per pixel of the original image"
-
-    def prepare(self, rgb: np.ndarray, meta: dict) -> np.ndarray:
-        return eval_input(rgb, meta, CODEC)
 
     def postprocess(self, outputs, sizes, meta) -> list[np.ndarray]:
         """(N, classes, S, S) logits -> per image, a (H, W) uint8 class-index mask at its original size."""
