@@ -168,10 +168,17 @@ def _plan_resources(cfg: RunConfig):
     return ensure_capacity(plan)
 
 
-def _check_task(cfg: RunConfig, spec) -> None:
-    """On the driver, before Ray starts: the data holds what the task trains on, with the model's class count (a
-    worker failing on it would be retried ``cluster.max_failures`` times for nothing)."""
+def _check_task(cfg: RunConfig, spec, teacher: str | None = None) -> None:
+    """On the driver, before Ray starts: the data holds what the task trains on, with the model's class count, and a
+    teacher export is of the same task (a worker failing on it would be retried ``cluster.max_failures`` times for
+    nothing)."""
     from vitray.config import ConfigError
+    from vitray.models.export import EXPORT_META, read_export_meta
+
+    if teacher and (Path(teacher) / EXPORT_META).is_file():
+        meta = read_export_meta(teacher)
+        if meta["task"] != cfg.train.task:
+            raise ConfigError(f"train.distillation.teacher: a {meta['task']} model cannot teach {cfg.train.task}")
 
     if spec.task != cfg.train.task:
         raise ConfigError(f"train.task: {cfg.train.task!r}, but {cfg.data.path} holds {spec.task} data "
@@ -265,7 +272,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher", cfg.tracking.uri)
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
-    _check_task(cfg, spec)
+    _check_task(cfg, spec, teacher_checkpoint)
     _warn_class_mix(cfg, spec)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
     run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
