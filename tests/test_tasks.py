@@ -308,3 +308,18 @@ def test_segmentation_fine_tunes_from_a_classifier_export_with_a_new_head(tmp_pa
                                             "model": {**cfg.model.model_dump(), "checkpoint": str(tmp_path / "seg")}}))
     for k, v in seg.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_segmentation_layer_decay_groups_the_backbone_like_timm_and_the_decoder_at_full_lr():
+    from vitray.config import parse_config
+    from vitray.tasks import get_task
+    from vitray.train.optim import param_groups
+
+    cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": 4}, "train": {"task": "segmentation"}})
+    model = get_task("segmentation").load("model").for_training(cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale = {names[id(p)]: g["lr_scale"] for g in param_groups(model, 0.05, layer_decay=0.5) for p in g["params"]}
+    assert scale["backbone.patch_embed.proj.weight"] == scale["backbone.cls_token"] == pytest.approx(0.5 ** 5)
+    assert scale["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** 4)
+    assert scale["backbone.blocks.3.attn.qkv.weight"] == pytest.approx(0.5)
+    assert {v for k, v in scale.items() if k.startswith("decoder.")} == {1.0}

@@ -82,9 +82,11 @@ class SegmentationViT(nn.Module):
         self.backbone.set_grad_checkpointing(enable)
 
     def group_matcher(self, coarse: bool = False):
+        def under(pattern: str) -> str:  # timm's "^a|b|c" -> "^backbone\.(?:a|b|c)" (every alternative anchored)
+            return f"^backbone\\.(?:{pattern.removeprefix('^')})"
+
         inner = self.backbone.group_matcher(coarse)
-        return {k: (f"^backbone\\.{v[1:]}" if isinstance(v, str) else
-                    [(f"^backbone\\.{p[1:]}", rest) for p, rest in v]) for k, v in inner.items()}
+        return {k: under(v) if isinstance(v, str) else [(under(p), rest) for p, rest in v] for k, v in inner.items()}
 
     def no_weight_decay(self):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
