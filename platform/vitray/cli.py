@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="vitray serve [reload|config] [CONFIG.yaml] [--model URI] [options]")
     p.add_argument("target", nargs="*", metavar="[reload|config] CONFIG.yaml",
                    help="a config with a serve section; first word reload or config for those actions")
-    p.add_argument("--model", default=None, metavar="URI", help="serve this one classification model "
+    p.add_argument("--model", default=None, metavar="URI", help="serve this one model, at its task's route "
                    "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model or an export folder)")
     p.add_argument("--name", default=None, help="with --model: its name in the API (default: the registered name)")
     p.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")

@@ -69,7 +69,7 @@ def head_of(meta: dict):
     """The inference head of an export's task."""
     from vitray.tasks import get_task
 
-    return get_task(meta.get("task", "classification"), "infer").load("infer")
+    return get_task(meta["task"], "infer").load("infer")
 
 
 def prepare(item, meta: dict, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
@@ -104,7 +104,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.meta = meta
         self.head = head_of(meta)
-        self.task = meta.get("task", "classification")
+        self.task = meta["task"]
         self.class_names = list(meta.get("class_names") or [])
         self.precision = resolve_precision(precision, self.device)
         self.dtype = PRECISIONS[self.precision]
@@ -184,7 +184,7 @@ def evaluate_export(model, meta: dict, shards: str, split: str = "val", batch_si
     from vitray.tasks import get_task
 
     metrics, n = export_metrics(model, meta, shards, split, batch_size)
-    return metrics[get_task(meta.get("task", "classification")).primary_metric], n
+    return metrics[get_task(meta["task"]).primary_metric], n
 
 
 @torch.no_grad()
@@ -199,7 +199,7 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
     from vitray.data.pipeline import decode_batch, read_columns
     from vitray.train.tasks import build_task
 
-    task = meta.get("task", "classification")
+    task = meta["task"]
     names = list(meta.get("class_names") or [])
     pre = meta["preprocessing"]
     cfg = parse_config({"model": {"name": meta["model"]["name"], "num_classes": len(names)}, "train": {"task": task}})

@@ -60,7 +60,7 @@ def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple
 
     meta = read_export_meta(folder)
     try:
-        architecture = get_task(meta.get("task", "classification"), "model").load("model")
+        architecture = get_task(meta["task"], "model").load("model")
     except TaskError as err:
         raise ExportError(f"{folder}: {err}") from None
     name = meta["model"]["name"]
