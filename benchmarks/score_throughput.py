@@ -70,7 +70,7 @@ def plain_loop(files: list[Path], export: Path, precision: str, batch_size: int,
     for f in files:
         images = pq.read_table(f, columns=["image"]).column("image").to_pylist()
         for i in range(0, len(images), batch_size):
-            crops = [pil(b) if use_pil else prepare(b, meta) for b in images[i:i + batch_size]]
+            crops = [pil(b) if use_pil else prepare(b, meta)[0] for b in images[i:i + batch_size]]
             probs = predictor.probabilities_of_crops(np.stack(crops))
             n += len(probs)
     return n, time.perf_counter() - t
