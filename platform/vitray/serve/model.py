@@ -160,11 +160,9 @@ class ModelRunner:
         else:
             crop, size = image
         result, batch_size = await self.predict_batch((current, crop, tuple(size)))
-        # the answer's encoding (a mask's PNG and base64) runs on the decode threads, off the event loop
-        body = await asyncio.get_running_loop().run_in_executor(self._decode, head.respond, result, size, parsed,
-                                                                current.predictor.meta)
-        return {"model": self.name, "version": current.pin["version"], "alias": current.pin["alias"], **body,
-                "batch_size": batch_size}
+        out = {"model": self.name, "version": current.pin["version"], "alias": current.pin["alias"],
+               **head.respond(result, size, parsed, current.predictor.meta), "batch_size": batch_size}
+        return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray, tuple]]) -> list[tuple[object, int]]:
