@@ -71,8 +71,11 @@ def test_coco_detection_round_trip(tmp_path):
         r = rows[im["file_name"]]
         assert r["image"] == (tmp_path / "coco" / "images" / im["file_name"]).read_bytes()
         i = int(im["file_name"][2])
-        # crowd objects are not boxes; the rectangle is category 3 -> "person" (0), the RLE object "boat" (1)
-        assert r["boxes"] == [[5 + i, 4, 20 + i, 16], [30, 20, 35, 25]] and r["box_labels"] == [0, 1]
+        # the rectangle is category 3 -> "person" (0), the RLE object "boat" (1); the crowd box is kept, flagged
+        assert r["boxes"] == [[5 + i, 4, 20 + i, 16], [30, 20, 35, 25], [0, 26, 4, 30]]
+        assert r["box_labels"] == [0, 1, 1] and r["box_crowd"] == [False, False, True]
+    n = len(coco["images"])
+    assert m.class_counts["train"] == {"person": n, "boat": n}  # crowd boxes are not counted as objects
 
 
 def test_coco_segmentation_rasterises_polygons_and_rle(tmp_path):

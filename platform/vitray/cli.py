@@ -213,7 +213,7 @@ def cmd_data_compose(args) -> int:
     try:
         r = compose(args.src, args.out, source=args.source, classes=args.classes, n=args.n, size=args.size,
                     max_items=args.max_items, val_fraction=args.val_fraction, seed=args.seed,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, held_out_items=args.held_out_items)
     except ComposeError as err:  # exit 2 at once, without the generic handler's heavy imports (torch)
         raise UsageError(str(err)) from None
     splits = ", ".join(f"{s} {k:,}" for s, k in r.counts.items())
@@ -699,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-items", type=int, default=3, help="items per scene: 1 to this (default 3)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of scenes in val (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="everything follows from it (default 0)")
+    p.add_argument("--held-out-items", action="store_true",
+                   help="val scenes paste only source images no train scene uses (a val metric on unseen items)")
     p.add_argument("--overwrite", action="store_true", help="replace a composed set already in OUT")
     p.set_defaults(func=cmd_data_compose)
     p = data.add_parser("inspect", help="counts per split and class, skipped files, sizes")

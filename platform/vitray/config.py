@@ -96,6 +96,8 @@ class DataConfig(_Section):
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
     switch_prob: float = Field(0.5, ge=0.0, le=1.0)
     max_pixels: int = Field(MAX_PIXELS, gt=0, description="images with more pixels are refused (decompression bombs)")
+    max_boxes: int = Field(100, gt=0, description="detection: boxes kept per image after augmentation (the rest of "
+                                                  "a crowded image's boxes are dropped)")
     shuffle: bool = Field(True, description="shuffle file and block order each epoch; false: a fixed stream order "
                                             "(reproducible runs), mixed only by the seeded local shuffle buffer")
     shuffle_buffer: int | None = Field(None, ge=0, description="rows each trainer mixes in a local shuffle buffer "
@@ -221,6 +223,19 @@ class SegmentationConfig(_Section):
                                                                  "GELU, 2x upsample to the input size); linear: a 1x1 "
                                                                  "conv on the patch grid, bilinear upsampling")
     channels: int = Field(64, gt=0, description="PUP decoder width")
+
+
+class DetectionConfig(_Section):
+    """``train.task: detection``: ViTDet's simple feature pyramid on the ViT's last map and a CenterNet head."""
+
+    channels: int = Field(64, gt=0, description="width of every pyramid level")
+    head_channels: int = Field(64, gt=0, description="width of the CenterNet head's branches")
+    max_detections: int = Field(100, gt=0, description="detections kept per image (evaluation, and the most a "
+                                                       "served or scored answer can hold)")
+    nms_iou: float | None = Field(0.7, gt=0.0, le=1.0, description="class-wise NMS of the decoded peaks at this IoU; "
+                                                                    "null: none (CenterNet's peaks alone)")
+    score_threshold: float = Field(0.25, ge=0.0, le=1.0, description="default minimum score of served, scored and "
+                                                                     "pyfunc detections (requests may ask for another)")
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -391,6 +406,7 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
+    detection: DetectionConfig = DetectionConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()

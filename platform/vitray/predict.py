@@ -202,7 +202,14 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
     task = meta["task"]
     names = list(meta.get("class_names") or [])
     pre = meta["preprocessing"]
-    cfg = parse_config({"model": {"name": meta["model"]["name"], "num_classes": len(names)}, "train": {"task": task}})
+    from vitray.tasks import get_task
+
+    section = get_task(task).options  # the task's options the export kept (decode settings, ...)
+    options = {k: v for k, v in meta["model"].items() if section and k in type(getattr(parse_config({}), section))
+               .model_fields}
+    cfg = parse_config({"model": {"name": meta["model"]["name"], "num_classes": len(names),
+                                  "img_size": meta["model"].get("img_size")}, "train": {"task": task},
+                        **({section: options} if section else {})})
     metric = build_task(cfg, names).metric()
     predictor = Predictor(model, meta)
     m = Manifest.read(shards)
@@ -218,5 +225,5 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
             batch = {k: torch.from_numpy(v[ok]) for k, v in batch.items()}
             metric.update(predictor.forward(batch["image"].numpy()), batch)
             n += int(ok.sum())
-    metric.sync(lambda t: t)
+    metric.sync(lambda t: t, lambda obj: [obj])
     return metric.compute(), n

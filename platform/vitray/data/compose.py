@@ -12,7 +12,9 @@ whatever the thread count:
   they are painted in one random bright colour (some channel at least ``ITEM_MIN``), later items on top;
 * overlap is capped: a placement that would leave an earlier item with less than ``MIN_VISIBLE`` of its own pixels
   visible is retried elsewhere, and an item that finds no such place within ``PLACE_TRIES`` is dropped, so every
-  item keeps at least that share of itself. Masks and boxes describe what is visible.
+  item keeps at least that share of itself. Masks and boxes describe what is visible;
+* with ``held_out_items``, each class's source images are split once (seeded) in the scenes' val share: val scenes
+  paste only images that no train scene uses, so a val metric measures items never seen in training.
 
 Written to OUT::
 
@@ -171,14 +173,14 @@ def _png(a: np.ndarray, mode: str) -> bytes:
     return buf.getvalue()
 
 
-def _scene(rng: np.random.Generator, size: int, max_items: int, shape_of, counts: list[int]):
+def _scene(rng: np.random.Generator, size: int, max_items: int, shape_of, pools: list[np.ndarray]):
     """One layout: (instance map: 0 or j+1 for item j, [(class index, full pixel count)])."""
     lo, hi = max(4, round(size / 4)), max(4, round(size / 2))
     inst = np.zeros((size, size), dtype=np.uint8)
     items: list[tuple[int, int]] = []
     for _ in range(int(rng.integers(1, max_items + 1))):
-        c = int(rng.integers(len(counts)))
-        shape = shape_of(c, int(rng.integers(counts[c])), int(rng.integers(lo, hi + 1)))
+        c = int(rng.integers(len(pools)))
+        shape = shape_of(c, int(pools[c][rng.integers(len(pools[c]))]), int(rng.integers(lo, hi + 1)))
         h, w = shape.shape
         full = int(shape.sum())
         if full == 0:
@@ -214,7 +216,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def compose(src: str, out: str, *, source: str = "imagefolder", classes: str | list[str] | None = None,
             n: int = 600, size: int = 64, max_items: int = 3, val_fraction: float = 0.2, seed: int = 0,
-            overwrite: bool = False, workers: int | None = None) -> ComposeSummary:
+            overwrite: bool = False, workers: int | None = None, held_out_items: bool = False) -> ComposeSummary:
     t0 = time.perf_counter()
     if source not in COMPOSE_SOURCES:
         raise ComposeError(f"--from {source}: one of {', '.join(COMPOSE_SOURCES)}")
@@ -232,17 +234,25 @@ def compose(src: str, out: str, *, source: str = "imagefolder", classes: str | l
     image_of = lru_cache(maxsize=4096)(lambda c, j: loaders[c](j))
     shape_of = lru_cache(maxsize=16384)(lambda c, j, side: _resize(image_of(c, j), side))
     val = set(np.random.default_rng(seed).permutation(n)[:round(n * val_fraction)].tolist())
+    pools = {s: [np.arange(k) for k in counts] for s in SPLITS}  # the source images each split's scenes may paste
+    if held_out_items:
+        for c, k in enumerate(counts):
+            if k < 2:
+                raise ComposeError(f"--held-out-items: class {names[c]!r} has {k} image(s); at least 2 are needed")
+            order = np.random.default_rng([seed, 1, c]).permutation(k)
+            cut = min(k - 1, max(1, round(k * val_fraction)))
+            pools["val"][c], pools["train"][c] = np.sort(order[:cut]), np.sort(order[cut:])
 
     def make(i: int):
         rng = np.random.default_rng([seed, i])
-        inst, items = _scene(rng, size, max_items, shape_of, counts)
+        split = "val" if i in val else "train"
+        inst, items = _scene(rng, size, max_items, shape_of, pools[split])
         rgb = _background(rng, size)
         lookup = np.zeros(len(items) + 1, dtype=np.uint8)
         for j, (c, _) in enumerate(items):
             rgb[inst == j + 1] = _colour(rng)
             lookup[j + 1] = c + 1
         rgb += rng.uniform(-NOISE, NOISE, rgb.shape).astype(np.float32)
-        split = "val" if i in val else "train"
         rel = f"{split}/{i + 1:06d}.png"
         (out_path / "images" / rel).write_bytes(_png(np.rint(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB"))
         (out_path / "masks" / rel).write_bytes(_png(lookup[inst], "L"))

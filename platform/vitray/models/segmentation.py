@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbone_hooks import BackboneHooks
+
 __all__ = ["SegmentationViT", "PupDecoder", "LinearDecoder"]
 
 
@@ -60,7 +62,7 @@ class LinearDecoder(nn.Module):
 DECODERS = {"pup": PupDecoder, "linear": LinearDecoder}
 
 
-class SegmentationViT(nn.Module):
+class SegmentationViT(BackboneHooks, nn.Module):
     """(B, 3, H, W) -> (B, num_classes, H, W) logits. ``backbone`` is a timm ViT with ``num_classes=0``."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "pup", channels: int = 64):
@@ -76,17 +78,3 @@ class SegmentationViT(nn.Module):
         grid = self.backbone.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW",
                                                    intermediates_only=True)[-1]
         return self.decoder(grid, tuple(x.shape[-2:]))
-
-    # timm hooks the training stack uses on any model (layer decay groups, activation checkpointing)
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.backbone.set_grad_checkpointing(enable)
-
-    def group_matcher(self, coarse: bool = False):
-        def under(pattern: str) -> str:  # timm's "^a|b|c" -> "^backbone\.(?:a|b|c)" (every alternative anchored)
-            return f"^backbone\\.(?:{pattern.removeprefix('^')})"
-
-        inner = self.backbone.group_matcher(coarse)
-        return {k: under(v) if isinstance(v, str) else [(under(p), rest) for p, rest in v] for k, v in inner.items()}
-
-    def no_weight_decay(self):
-        return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}

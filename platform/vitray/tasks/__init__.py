@@ -64,8 +64,9 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in (
              options="segmentation", demo=("quickstart-segmentation.yaml", "digit-scenes"),
              pictures="predicted masks",
              layers=_layers("segmentation", *LAYERS)),
-    TaskInfo("detection", "boxes with labels", "val/map", "max", "mAP", ("boxes", "box_labels"), "/v1/detect",
-             layers=_layers("detection", "data")),
+    TaskInfo("detection", "boxes with labels", "val/map", "max", "mAP", ("boxes", "box_labels", "box_crowd"),
+             "/v1/detect", options="detection", demo=("quickstart-detection.yaml", "digit-scenes-coco"),
+             pictures="predicted boxes", layers=_layers("detection", *LAYERS)),
 )}
 
 

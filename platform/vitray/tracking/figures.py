@@ -125,3 +125,38 @@ def segmentation_grid_image(images: np.ndarray, truths: np.ndarray, preds: np.nd
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _to_pil(fig)
+
+
+def detection_grid_image(samples: list, class_names: list[str], min_score: float = 0.25, title: str = ""):
+    """Val images with their true boxes (white, dashed) and predicted boxes at or above ``min_score`` (class colours,
+    label and score). ``samples``: (image (3, H, W) uint8, true boxes, true labels, boxes, scores, labels), boxes
+    xyxy in the image's pixels."""
+    from matplotlib.patches import Rectangle
+
+    n = min(len(samples), 16)
+    cols = min(4, max(n, 1))
+    rows = max(1, -(-n // cols))
+    palette = class_palette(max(len(class_names), 1) + 1)[1:] / 255.0
+    fig = _figure(cols * 2.2, rows * 2.2 + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if k >= n:
+            continue
+        image, tboxes, tlabels, boxes, scores, labels = samples[k]
+        img = np.asarray(image)
+        ax.imshow(img.transpose(1, 2, 0) if img.ndim == 3 and img.shape[0] == 3 else img, interpolation="nearest")
+        for (x0, y0, x1, y1) in np.asarray(tboxes).reshape(-1, 4):
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", lw=0.8, ls="--"))
+        for (x0, y0, x1, y1), s, c in zip(np.asarray(boxes).reshape(-1, 4), scores, labels):
+            if s < min_score:
+                continue
+            colour = palette[int(c) % len(palette)]
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec=colour, lw=1.2))
+            name = class_names[int(c)] if int(c) < len(class_names) else str(int(c))
+            ax.text(x0, y0, f"{name} {s:.2f}", fontsize=5, color="black", va="bottom",
+                    bbox={"facecolor": colour, "pad": 0.5, "lw": 0})
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return _to_pil(fig)

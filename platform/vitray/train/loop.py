@@ -46,6 +46,17 @@ def _all_reduce(values: list[float], device) -> list[float]:
     return t.tolist()
 
 
+def _all_gather(obj) -> list:
+    """Every worker's ``obj`` (picklable), in rank order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _all_reduce_tensor(t: torch.Tensor, device) -> torch.Tensor:
     import torch.distributed as dist
 
@@ -342,7 +353,7 @@ class _Worker:
                 if not len(batch["image"]):
                     continue
                 metric.update(task.eval_outputs(engine, batch, self.dtype), batch)
-        metric.sync(lambda t: _all_reduce_tensor(t, self.device))  # a collective: every rank, once per pass
+        metric.sync(lambda t: _all_reduce_tensor(t, self.device), _all_gather)  # collectives: every rank, once
         skipped = _all_reduce([skipped], self.device)[0]
         engine.train()
         metrics = metric.compute()

@@ -2,7 +2,8 @@
 
 A task (``vitray.tasks.<name>.train``, found through the registry by ``train.task``) builds its model, turns a batch
 into a loss, and evaluates through a :class:`Metric`: each rank updates it with its own val batches, then
-:meth:`Metric.sync` all-reduces what it accumulated (sums, counts, confusion matrices: never a mean of means) and
+:meth:`Metric.sync` all-reduces what it accumulated (sums, counts, confusion matrices: never a mean of means; or
+gathers what cannot be summed, such as detections) and
 :meth:`Metric.compute` turns that into the ``val/...`` metrics, the same on every rank.
 """
 from __future__ import annotations
@@ -26,8 +27,10 @@ class Metric:
     def update(self, outputs: torch.Tensor, batch: dict) -> None:
         raise NotImplementedError
 
-    def sync(self, reduce) -> None:
-        """``reduce(tensor)`` sums a tensor over all workers: a collective, so every rank calls this exactly once."""
+    def sync(self, reduce, gather=None) -> None:
+        """``reduce(tensor)`` sums a tensor over all workers; ``gather(obj)`` returns every worker's ``obj`` (a list
+        in rank order; for what cannot be summed, such as detections evaluated once over the whole split). Both are
+        collectives: every rank calls ``sync`` exactly once."""
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:

@@ -313,7 +313,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
                                   "server the workers can reach")
         rplan = _plan_resources(cfg)
         _quiet_ray_data()
-        spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec)
+        spec, datasets = build_datasets(cfg.data, img_size=img_size, spec=spec, max_boxes=cfg.data.max_boxes)
         train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
         _maybe_materialize_val(datasets, spec, cfg, img_size)
         plan = make_plan(cfg, train_rows)

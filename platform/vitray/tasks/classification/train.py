@@ -45,7 +45,7 @@ class ClassificationMetric(Metric):
                             torch.tensor(float(len(y)), dtype=torch.float64, device=logits.device)])
         self.sums = sums if self.sums is None else self.sums + sums
 
-    def sync(self, reduce):
+    def sync(self, reduce, gather=None):
         self.sums = reduce(self.sums if self.sums is not None else torch.zeros(4, dtype=torch.float64))
         c = self.task.num_classes
         if self.keep and c <= CONFUSION_MAX_CLASSES:  # every rank joins, even one with no val rows

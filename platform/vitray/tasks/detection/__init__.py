@@ -1,2 +1,2 @@
-"""Object detection: boxes and their labels (``boxes``, ``box_labels`` columns). Packed and streamed today;
-training, export and inference come with their own modules."""
+"""Object detection: boxes, their labels and crowd flags (``boxes``, ``box_labels``, ``box_crowd`` columns); ViTDet's
+simple feature pyramid with a CenterNet head; COCO box mAP; ``POST /v1/detect``."""

@@ -53,7 +53,7 @@ class SegmentationMetric(Metric):
             n = self.keep - have
             self.samples.append((batch["image"][:n].cpu(), y[:n].cpu(), pred[:n].cpu()))
 
-    def sync(self, reduce):
+    def sync(self, reduce, gather=None):
         zeros = torch.zeros(self.c, self.c, dtype=torch.float64)
         self.confusion = reduce((self.confusion if self.confusion is not None else zeros).double()).round().long().cpu()
         self.loss = reduce(self.loss if self.loss is not None else torch.zeros(2, dtype=torch.float64)).cpu()
