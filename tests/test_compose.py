@@ -85,9 +85,29 @@ def test_masks_coco_segmentation_and_boxes_agree(composed, tmp_path):
 def test_overlap_is_capped():
     shapes = np.ones((20, 20), dtype=bool)
     for seed in range(50):
-        inst, items = _scene(np.random.default_rng(seed), 32, 5, lambda c, j, side: shapes[:side, :side], [1, 1])
+        inst, items = _scene(np.random.default_rng(seed), 32, 5, lambda c, j, side: shapes[:side, :side],
+                             [np.arange(1), np.arange(1)])
         seen = np.bincount(inst.ravel(), minlength=len(items) + 1)
-        assert items and all(seen[j + 1] >= MIN_VISIBLE * full for j, (_, full) in enumerate(items))
+        assert items and all(seen[j + 1] >= MIN_VISIBLE * full for j, (_, full, _) in enumerate(items))
+
+
+def test_held_out_items_keep_val_items_out_of_training(composed, tmp_path):
+    """--held-out-items: no source image pasted into a val scene appears in any train scene (without it, they mix);
+    the scenes' layouts are otherwise drawn the same way."""
+    def sources(folder: Path) -> dict[str, set]:
+        coco = json.loads((folder / "annotations.json").read_text())
+        split = {im["id"]: im["file_name"].split("/")[0] for im in coco["images"]}
+        out: dict[str, set] = {"train": set(), "val": set()}
+        for a in coco["annotations"]:
+            out[split[a["image_id"]]].add((a["category_id"], a["vitray_source"]))
+        return out
+
+    kw = dict(source="sklearn-digits", classes="0,1,2", n=400, size=32, seed=3)
+    mixed = compose("-", str(tmp_path / "mixed"), **kw)
+    assert sources(tmp_path / "mixed")["train"] & sources(tmp_path / "mixed")["val"]
+    r = compose("-", str(tmp_path / "held"), **kw, held_out_items=True)
+    held = sources(tmp_path / "held")
+    assert r.counts == mixed.counts and held["val"] and not held["train"] & held["val"]
 
 
 def test_imagefolder_source(tmp_path):

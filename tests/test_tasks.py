@@ -18,7 +18,7 @@ from PIL import Image
 from imagegen import encode, make_imagefolder, rgb
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKED = ["classification", "segmentation"]  # the tasks with every layer today; checked against the registry below
+TASKED = ["classification", "segmentation", "detection"]  # the tasks with every layer; checked against the registry
 
 
 def _free_port() -> int:
@@ -45,12 +45,17 @@ def test_the_task_list_lives_in_one_place():
     assert not offenders, "task names outside the registry:\n" + "\n".join(offenders)
 
 
-def test_a_task_without_a_layer_says_what_it_can_do():
+def test_a_task_without_a_layer_says_what_it_can_do(monkeypatch):
     from vitray.config import ConfigError, parse_config
-    from vitray.tasks import TaskError, get_task
+    from vitray.tasks import TASKS, TaskError, TaskInfo, get_task
 
+    # a task registered with its data layer only (as detection was before it could be trained)
+    monkeypatch.setitem(TASKS, "keypoints", TaskInfo("keypoints", "points", "val/ap", "max", "AP", ("points",),
+                                                     layers={"data": "vitray.tasks.detection.data:CODEC"}))
     with pytest.raises(TaskError, match="cannot be trained yet .*packed and streamed"):
-        get_task("detection", "train")
+        get_task("keypoints", "train")
+    with pytest.raises(ConfigError, match=r"train\.task: .*cannot be trained yet"):
+        parse_config({"train": {"task": "keypoints"}})
     with pytest.raises(ConfigError, match=r"train\.task: unknown task 'mae' \(known: classification"):
         parse_config({"train": {"task": "mae"}})
     cfg = parse_config({"train": {"task": "segmentation"}})  # "auto" metrics follow the task
@@ -67,9 +72,10 @@ def test_mismatched_task_is_refused_before_ray_starts(tmp_path, digits, cli):
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "holds classification data" in res.stderr, res.stderr
     assert not (tmp_path / "m.db").exists()  # refused before any MLflow run was opened
-    cfg.write_text("train: {task: detection}\n")
+    cfg.write_text(f"data: {{path: {digits}}}\ntrain: {{task: detection, steps: 1}}\n")
     res = cli("train", str(cfg), timeout=120)
-    assert res.returncode == 2 and "cannot be trained yet" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.returncode == 2 and "holds classification data" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 def test_miou_matches_an_independent_implementation():
@@ -131,9 +137,13 @@ def _data(task: str, root: Path) -> tuple[str, int]:
     if task == "classification":
         make_imagefolder(root / "src", classes=("ant", "bee", "cow"), per_class=6)
         m = pack(str(root / "src"), str(root / "shards"), "imagefolder", val_fraction=0.3, progress=False)
-    else:
+    elif task == "segmentation":
         compose("-", str(root / "src"), source="sklearn-digits", classes="0,1", n=24, size=32)
         m = pack(str(root / "src"), str(root / "shards"), "masks", val_fraction=0.3, progress=False)
+    else:
+        compose("-", str(root / "src"), source="sklearn-digits", classes="0,1", n=24, size=32)
+        m = pack(str(root / "src" / "annotations.json"), str(root / "shards"), "coco", task="detection",
+                 images=str(root / "src" / "images"), progress=False)
     return str(root / "shards"), m.num_classes
 
 
@@ -154,7 +164,8 @@ def _train_two_steps(task: str, root: Path, tracking_uri: str) -> tuple[str, lis
     shards, classes = _data(task, root)
     cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": classes},
                         "data": {"path": shards, "batch_size": 4}, "train": {"task": task, "steps": 2},
-                        "cluster": {"num_workers": 1}, "tracking": {"uri": tracking_uri}})
+                        "cluster": {"num_workers": 1}, "tracking": {"uri": tracking_uri},
+                        "detection": {"score_threshold": 0.05}})  # an untrained detector's scores are ~0.1
     m = Manifest.read(shards)
     table = pq.read_table(m.files(shards, "train")[0], columns=read_columns(task))
     rows = {k: table.column(k).to_pylist() for k in table.column_names}
@@ -187,13 +198,21 @@ def _http_answer(task: str, body: dict, frame_row) -> None:
     """The HTTP answer and the pyfunc's row agree (per task: what each returns)."""
     if task == "classification":
         assert np.abs(np.asarray(body["probs"]) - np.asarray(frame_row["probs"])).max() <= 1e-5
+    elif task == "detection":
+        dets = body["detections"]
+        assert dets and [d["class_id"] for d in dets] == list(frame_row["labels"])
+        assert [d["label"] for d in dets] == list(frame_row["names"])
+        assert np.abs(np.asarray([d["score"] for d in dets]) - np.asarray(frame_row["scores"])).max() <= 1e-5
+        boxes = np.asarray([[d["box"][k] for k in ("xmin", "ymin", "xmax", "ymax")] for d in dets])
+        assert np.abs(boxes - np.asarray(list(frame_row["boxes"]))).max() <= 1e-3
+        assert body["image"] == {"width": int(frame_row["width"]), "height": int(frame_row["height"])}
     else:
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
         assert (served == np.asarray(Image.open(io.BytesIO(frame_row["mask"])))).all()
         assert body["image"] == {"width": served.shape[1], "height": served.shape[0]}
 
 
-HTTP_PARAMS = {"classification": {"probs": "true"}, "segmentation": {}}
+HTTP_PARAMS = {"classification": {"probs": "true"}, "segmentation": {}, "detection": {}}
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +278,11 @@ def _row_as_body(task: str, row) -> dict:
     """The direct predictor's row in the shape of an HTTP answer (to compare it with the pyfunc the same way)."""
     if task == "classification":
         return {"probs": row["probs"]}
+    if task == "detection":
+        return {"image": {"width": int(row["width"]), "height": int(row["height"])},
+                "detections": [{"label": n, "class_id": int(c), "score": float(s), "box": dict(zip(
+                    ("xmin", "ymin", "xmax", "ymax"), map(float, b)))}
+                    for b, s, c, n in zip(row["boxes"], row["scores"], row["labels"], row["names"])]}
     mask = np.asarray(Image.open(io.BytesIO(row["mask"])))
     return {"mask_png": base64.b64encode(row["mask"]).decode(), "image": {"width": mask.shape[1], "height": mask.shape[0]}}
 
@@ -274,7 +298,8 @@ def test_validation_decodes_an_image_exactly_as_serving_does(task):
     big = encode(rgb(3, (640, 480)), "JPEG", quality=90)
     meta = {"task": task, "preprocessing": {"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
                                             "interpolation": "bicubic"}}
-    row = {"image": [big], "label": [0], "mask": [encode(Image.new("L", (640, 480), 1))]}
+    row = {"image": [big], "label": [0], "mask": [encode(Image.new("L", (640, 480), 1))], "boxes": [[[8, 8, 40, 60]]],
+           "box_labels": [[0]], "box_crowd": [[False]], "width": [640], "height": [480]}
     val = decode_batch(row, task=task, train=False, img_size=32, transforms={"crop_pct": 0.875}, max_pixels=10**8)
     served, size = prepare(big, meta)
     assert size == (480, 640) and (val["image"][0] == served).all()

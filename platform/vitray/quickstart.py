@@ -189,7 +189,7 @@ def _stages(root: Path, home: str | None, overrides: list[str] | None, log_path:
         from .batch import score
 
         scored = score(f"models:/{reg.name}@{reg.alias}", str(shards), str(root / "predictions"),
-                       batch_size=256, tracking_cfg=cfg.tracking, overwrite=True)
+                       batch_size=256, precision=cfg.score.precision, tracking_cfg=cfg.tracking, overwrite=True)
         say(f"    {scored.rows:,} rows ({scored.error_rows} errors) -> {scored.output} at {scored.images_per_s:.0f} img/s "
               f"({time.perf_counter() - t:.1f}s; MLflow run {scored.mlflow_run_id})")
         summary.append(("predictions", scored.output))

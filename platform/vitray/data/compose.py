@@ -22,7 +22,8 @@ Written to OUT::
     masks/{train,val}/<id>.png    mode L: 0 background, k+1 an item of class index k
     classes.txt                   "background", then the class names, one per line
     annotations.json              COCO instances: bbox xywh, area = visible pixels, segmentation as uncompressed
-                                  RLE (column-major counts; exact, where polygons could not hold a digit's holes)
+                                  RLE (column-major counts; exact, where polygons could not hold a digit's holes),
+                                  vitray_source = the index of the pasted image within its class
 
 so that ``vitray data pack OUT ... --format masks`` and ``--format coco`` (segmentation or detection, ``--images
 OUT/images``) pack the same labels.
@@ -174,13 +175,14 @@ def _png(a: np.ndarray, mode: str) -> bytes:
 
 
 def _scene(rng: np.random.Generator, size: int, max_items: int, shape_of, pools: list[np.ndarray]):
-    """One layout: (instance map: 0 or j+1 for item j, [(class index, full pixel count)])."""
+    """One layout: (instance map: 0 or j+1 for item j, [(class index, full pixel count, source image index)])."""
     lo, hi = max(4, round(size / 4)), max(4, round(size / 2))
     inst = np.zeros((size, size), dtype=np.uint8)
-    items: list[tuple[int, int]] = []
+    items: list[tuple[int, int, int]] = []
     for _ in range(int(rng.integers(1, max_items + 1))):
         c = int(rng.integers(len(pools)))
-        shape = shape_of(c, int(pools[c][rng.integers(len(pools[c]))]), int(rng.integers(lo, hi + 1)))
+        j = int(pools[c][rng.integers(len(pools[c]))])
+        shape = shape_of(c, j, int(rng.integers(lo, hi + 1)))
         h, w = shape.shape
         full = int(shape.sum())
         if full == 0:
@@ -190,9 +192,9 @@ def _scene(rng: np.random.Generator, size: int, max_items: int, shape_of, pools:
             new = inst.copy()
             new[y:y + h, x:x + w][shape] = len(items) + 1
             seen = np.bincount(new.ravel(), minlength=len(items) + 2)
-            if all(seen[j + 1] >= MIN_VISIBLE * f for j, (_, f) in enumerate(items)):
+            if all(seen[k + 1] >= MIN_VISIBLE * f for k, (_, f, _) in enumerate(items)):
                 inst = new
-                items.append((c, full))
+                items.append((c, full, j))
                 break
     return inst, items
 
@@ -249,7 +251,7 @@ def compose(src: str, out: str, *, source: str = "imagefolder", classes: str | l
         inst, items = _scene(rng, size, max_items, shape_of, pools[split])
         rgb = _background(rng, size)
         lookup = np.zeros(len(items) + 1, dtype=np.uint8)
-        for j, (c, _) in enumerate(items):
+        for j, (c, _, _) in enumerate(items):
             rgb[inst == j + 1] = _colour(rng)
             lookup[j + 1] = c + 1
         rgb += rng.uniform(-NOISE, NOISE, rgb.shape).astype(np.float32)
@@ -257,12 +259,13 @@ def compose(src: str, out: str, *, source: str = "imagefolder", classes: str | l
         (out_path / "images" / rel).write_bytes(_png(np.rint(np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB"))
         (out_path / "masks" / rel).write_bytes(_png(lookup[inst], "L"))
         anns = []
-        for j, (c, _) in enumerate(items):
+        for j, (c, _, src) in enumerate(items):
             m = inst == j + 1
             ys, xs = np.nonzero(m)
             x0, y0 = int(xs.min()), int(ys.min())
             anns.append({"image_id": i + 1, "category_id": c + 1, "iscrowd": 0, "area": int(m.sum()),
-                         "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1], "segmentation": _rle(m)})
+                         "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1], "segmentation": _rle(m),
+                         "vitray_source": src})
         return {"id": i + 1, "file_name": rel, "width": size, "height": size}, split, anns
 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as pool:
