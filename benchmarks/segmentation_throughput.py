@@ -123,11 +123,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def load(url: str, data: list[tuple[bytes, int, int]], clients: int, requests_total: int) -> dict:
-    """``requests_total`` POSTs from ``clients`` threads (one requests.Session each), back to back; each answer
-    checked: 200, and a mask of its image's size."""
-    import requests
+def check_mask(body: dict, w: int, h: int) -> str | None:
+    """Why a /v1/segment answer is wrong for a w x h image, or None."""
     from PIL import Image
+
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
+    if mask.shape != (h, w) or (body["image"]["width"], body["image"]["height"]) != (w, h):
+        return f"mask {mask.shape} / image {body['image']} for a {w}x{h} image"
+    return None
+
+
+def load(url: str, data: list[tuple[bytes, int, int]], clients: int, requests_total: int, check=check_mask) -> dict:
+    """``requests_total`` POSTs from ``clients`` threads (one requests.Session each), back to back; each answer
+    checked: 200, and ``check(body, width, height)`` (the answer fits its image)."""
+    import requests
 
     lat: list[float] = []
     sizes: list[int] = []
@@ -146,10 +155,7 @@ def load(url: str, data: list[tuple[bytes, int, int]], clients: int, requests_to
                 if r.status_code != 200:
                     why = f"HTTP {r.status_code}: {r.text[:200]}"
                 else:
-                    body = r.json()
-                    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))))
-                    if mask.shape != (h, w) or (body["image"]["width"], body["image"]["height"]) != (w, h):
-                        why = f"mask {mask.shape} / image {body['image']} for a {w}x{h} image"
+                    why = check(r.json(), w, h)
                 with lock:
                     lat.append(dt)
                     sizes.append(int(r.headers.get("x-vitray-batch-size", 0)))
@@ -165,7 +171,8 @@ def load(url: str, data: list[tuple[bytes, int, int]], clients: int, requests_to
             "mean_batch": statistics.mean(sizes) if sizes else 0.0, "wall": wall}
 
 
-def serve_mode(export: str, data, batch: int, ongoing: int, clients: int, requests_total: int, cpus: int) -> dict:
+def serve_mode(export: str, data, batch: int, ongoing: int, clients: int, requests_total: int, cpus: int,
+               route: str = "/v1/segment", check=check_mask) -> dict:
     import requests
     from ray import serve
 
@@ -176,14 +183,14 @@ def serve_mode(export: str, data, batch: int, ongoing: int, clients: int, reques
     cfg = parse_config({"tracking": {"enabled": False}, "serve": {
         "host": "127.0.0.1", "port": port, "models": [{"name": "seg", "uri": export}], "max_batch_size": batch,
         "batch_wait_timeout_s": 0.01, "max_ongoing_requests": ongoing, "cpus_per_replica": cpus}})
-    url = f"http://127.0.0.1:{port}/v1/segment"
+    url = f"http://127.0.0.1:{port}{route}"
     t = time.perf_counter()
     app.deploy(cfg)
     try:
         deployed = time.perf_counter() - t
         precision = requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()["models"][0]["precision"]
-        load(url, data, clients, max(2 * clients, requests_total // 10))  # warm-up: threads, allocator, connections
-        out = load(url, data, clients, requests_total)
+        load(url, data, clients, max(2 * clients, requests_total // 10), check)  # warm-up: threads, connections
+        out = load(url, data, clients, requests_total, check)
     finally:
         serve.shutdown()
     out.update(precision=precision, deployed=deployed)
