@@ -59,7 +59,7 @@ def test_pyramid_levels_follow_the_input_size_and_the_head_runs_at_stride_4():
     from vitray.models import create_model
     from vitray.models.detection import DetectionViT, pyramid_strides
 
-    assert pyramid_strides(224, 16) == [4, 8, 16, 32] and pyramid_strides(32, 4) == [4, 8, 16]
+    assert pyramid_strides(224) == [4, 8, 16, 32] and pyramid_strides(32) == [4, 8, 16] and pyramid_strides(16) == [4, 8]
     for name, size in (("vit_pico_patch4_32", 32), ("vit_pico_patch8_64", 64)):
         m = DetectionViT(create_model(name, num_classes=0, img_size=size), 5, size).eval()
         assert m(torch.zeros(2, 3, size, size)).shape == (2, 9, size // 4, size // 4)
@@ -165,6 +165,45 @@ def test_boxes_map_back_to_the_original_image_of_any_size_and_shape():
         frame = p.frame([encode(rgb(1, (w, h)))])
         assert frame["names"][0] == ["b"] and (frame["width"][0], frame["height"][0]) == (w, h)
         assert np.allclose(frame["boxes"][0], answer["boxes"], atol=1e-3)
+
+
+def test_coco_answers_use_the_source_category_ids_and_bad_labels_are_named():
+    from vitray.models.centernet import centernet_targets
+    from vitray.predict import Predictor
+    from vitray.tasks.detection.infer import HEAD, DetectParams
+
+    meta = {"task": "detection", "class_names": ["a", "b", "c"], "preprocessing": PRE, "category_ids": [3, 7, 90],
+            "model": {"name": "x", "img_size": 32, "max_detections": 10, "nms_iou": 0.7, "score_threshold": 0.5}}
+    (answer,) = Predictor(_OnePeak(), meta).predict([encode(rgb(1, (64, 64)))])
+    body = HEAD.respond(answer, (64, 64), DetectParams(format="coco", image_id=42), meta)
+    assert [(r["image_id"], r["category_id"]) for r in body["results"]] == [(42, 7)]  # class 1 -> COCO category 7
+    assert body["results"][0]["bbox"] == pytest.approx([36, 8, 16, 24], abs=1e-3)
+    del meta["category_ids"]  # a model trained on a pack without them (a mask folder turned into boxes, ...)
+    assert HEAD.respond(answer, (64, 64), DetectParams(format="coco"), meta)["results"][0]["category_id"] == 2
+    with pytest.raises(ValueError, match="box label is 5 but the model has 3 classes"):
+        centernet_targets(torch.tensor([[[1.0, 1, 9, 9]]]), torch.tensor([[5]]), 3, (8, 8), 4)
+
+
+def test_detection_shards_packed_before_crowd_flags_still_train_and_evaluate(tmp_path):
+    """Shards written before ``box_crowd`` existed: the pipeline reads what they have, no box is a crowd."""
+    import pyarrow.parquet as pq
+
+    from vitray.data.compose import compose
+    from vitray.data.formats import Manifest
+    from vitray.data.pack import pack
+    from vitray.data.pipeline import decode_batch, read_columns
+
+    compose("-", str(tmp_path / "s"), source="sklearn-digits", classes="0,1", n=12, size=32)
+    pack(str(tmp_path / "s" / "annotations.json"), str(tmp_path / "shards"), "coco", images=str(tmp_path / "s" / "images"),
+         val_fraction=0.0, progress=False)
+    (f,) = Manifest.read(tmp_path / "shards").files(str(tmp_path / "shards"), "train")
+    pq.write_table(pq.read_table(f).drop_columns(["box_crowd"]), f)  # as the older vitray wrote it
+    cols = read_columns("detection", [f])
+    assert "box_crowd" not in cols and {"boxes", "box_labels"} <= set(cols)
+    t = pq.read_table(f, columns=cols)
+    batch = decode_batch({k: t.column(k).to_pylist() for k in cols}, task="detection", train=False, img_size=32,
+                         transforms={"crop_pct": 1.0}, max_pixels=10**6, max_boxes=8)
+    assert batch["ok"].all() and (batch["box_labels"] >= 0).sum() >= 12 and not batch["box_crowd"].any()
 
 
 def test_a_detector_fine_tunes_from_a_classifier_export_and_from_its_own(tmp_path):

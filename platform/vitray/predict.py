@@ -196,7 +196,7 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
 
     from vitray.config import parse_config
     from vitray.data.formats import Manifest
-    from vitray.data.pipeline import decode_batch, read_columns
+    from vitray.data.pipeline import EVAL_MAX_BOXES, decode_batch, read_columns
     from vitray.train.tasks import build_task
 
     task = meta["task"]
@@ -215,12 +215,12 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
     m = Manifest.read(shards)
     n = 0
     for f in m.files(shards, split):
-        table = pq.read_table(f, columns=read_columns(task))
+        table = pq.read_table(f, columns=read_columns(task, [f]))
         for i in range(0, table.num_rows, batch_size):
             rows = {k: v.to_pylist() for k, v in zip(table.column_names, table.slice(i, batch_size).columns)}
             batch = decode_batch(rows, task=task, train=False, img_size=int(pre["img_size"]),
                                  transforms={"crop_pct": pre["crop_pct"]}, max_pixels=predictor.max_pixels,
-                                 interpolation=pre["interpolation"])
+                                 max_boxes=EVAL_MAX_BOXES, interpolation=pre["interpolation"])
             ok = batch.pop("ok")
             batch = {k: torch.from_numpy(v[ok]) for k, v in batch.items()}
             metric.update(predictor.forward(batch["image"].numpy()), batch)

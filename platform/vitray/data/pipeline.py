@@ -37,6 +37,10 @@ class DatasetSpec:
     fingerprint: str = ""
     format: str = "shards"
     nbytes: dict[str, int] | None = None  # split -> encoded bytes on disk, when known (packed shards)
+    category_ids: list[int] | None = None  # the source's own class ids (a COCO file's category ids), when it had them
+
+
+EVAL_MAX_BOXES = 1000  # evaluation keeps every true box (data.max_boxes caps training only): a cap would hide misses
 
 
 # ------------------------------------------------------------------------------------------ decode + augment
@@ -46,9 +50,21 @@ def _codec(task: str):
     return get_task(task, "data").load("data")
 
 
-def read_columns(task: str) -> list[str]:
-    """The shard columns a task's pipeline reads."""
-    return ["image"] + _codec(task).read_columns()
+def read_columns(task: str, files: list[str] | None = None) -> list[str]:
+    """The shard columns a task's pipeline reads; with ``files``, the codec's optional columns only where the first
+    file has them."""
+    codec = _codec(task)
+    cols = ["image"] + codec.read_columns()
+    if files and codec.optional_columns:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            have = set(pq.read_schema(files[0]).names)
+        except (OSError, pa.ArrowInvalid):  # not readable from here (a path only the workers see): ask for all
+            return cols
+        cols = [c for c in cols if c not in codec.optional_columns or c in have]
+    return cols
 
 
 def decode_batch(batch: dict, *, task: str, train: bool, img_size: int, transforms: dict, max_pixels: int,
@@ -130,7 +146,7 @@ def dataset_spec(data_cfg, val_fraction: float = 0.1) -> DatasetSpec:
         m = Manifest.read(root)
         nbytes = {s: sum(x.bytes for x in m.shards if x.split == s) for s in m.splits}
         return DatasetSpec(m.task, m.class_names, {s: m.files(root, s) for s in m.splits}, dict(m.counts),
-                           m.fingerprint(), "shards", nbytes)
+                           m.fingerprint(), "shards", nbytes, m.source.get("category_ids"))
     if fmt == "imagefolder":
         return _imagefolder_spec(root, val_fraction)[0]
     pattern = "*.tar" if fmt == "webdataset" else "*.parquet"
@@ -188,7 +204,7 @@ def _read(spec: DatasetSpec, split: str, data_cfg, val_fraction: float, train: b
     # image folder is read one file per row, so its order is a full random permutation every epoch.
     shuffle = FileShuffleConfig(seed=data_cfg.seed, reseed_after_execution=True) if train and data_cfg.shuffle else None
     if spec.format in ("shards", "parquet"):
-        cols = read_columns(spec.task)
+        cols = read_columns(spec.task, files)
         ds = ray.data.read_parquet(files, shuffle=shuffle, override_num_blocks=blocks).select_columns(cols)
         ds.context.target_max_block_size = min(ds.context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
         return ds
@@ -235,7 +251,7 @@ def _read_small(spec: DatasetSpec, split: str, data_cfg, max_block_rows: int | N
     import pyarrow.parquet as pq
     import ray.data
 
-    cols = read_columns(spec.task)
+    cols = read_columns(spec.task, spec.files.get(split))
     try:
         if spec.format == "imagefolder":
             _, labels = _imagefolder_spec(Path(data_cfg.path).expanduser(), 0.1)
@@ -281,7 +297,8 @@ def build_dataset(spec: DatasetSpec, split: str, data_cfg, *, img_size: int, tra
     return ds.map_batches(
         decode_batch, batch_size=decode_batch_size,
         fn_kwargs=dict(task=spec.task, train=train, img_size=img_size, transforms=tr, max_pixels=data_cfg.max_pixels,
-                       max_boxes=max_boxes, interpolation=data_cfg.interpolation),
+                       max_boxes=max_boxes if train else max(max_boxes, EVAL_MAX_BOXES),
+                       interpolation=data_cfg.interpolation),
     )
 
 

@@ -218,7 +218,8 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
             setattr(sample, key, value)
         return sample
 
-    return Source(task, names, info={"annotations": str(ann_path), "images": str(image_dir)},
+    return Source(task, names, info={"annotations": str(ann_path), "images": str(image_dir),
+                                     "category_ids": [int(c["id"]) for c in cats]},
                   refs=sorted(imgs, key=lambda i: i["file_name"]), load=load)
 
 

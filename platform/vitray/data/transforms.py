@@ -1,6 +1,7 @@
 """Per-image transforms on decoded arrays, keeping boxes and masks aligned with the pixels, and batch functions.
 
-Geometric ops (random-resized crop, flip, eval resize + centre crop) move boxes (clipped, empty ones dropped) and
+Geometric ops (random-resized crop, flip, eval resize + centre crop) move boxes (clipped; those left under a pixel
+wide or tall dropped) and
 masks (nearest neighbour) with the image. Each crop + resize is one PIL ``resize(box=...)`` call. Images leave
 the CPU workers as uint8 (B, 3, H, W) and are normalised on the trainer (:func:`normalize_batch`): a quarter of
 the bytes through the object store (measured in benchmarks/data_throughput.py). Mixup/CutMix mix across
@@ -20,6 +21,7 @@ __all__ = [
 ]
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+MIN_BOX_SIDE = 1.0  # a box a crop leaves narrower or shorter than a pixel is no object any more: dropped
 
 
 def random_resized_crop_params(h: int, w: int, scale, ratio, rng: np.random.Generator) -> tuple[float, float, float, float]:
@@ -64,7 +66,7 @@ def crop_resize(img: np.ndarray, box, size: tuple[int, int], interpolation: str 
         b = boxes.astype(np.float32).copy()
         b[:, [0, 2]] = np.clip((b[:, [0, 2]] - left) * sx, 0, out_w)
         b[:, [1, 3]] = np.clip((b[:, [1, 3]] - top) * sy, 0, out_h)
-        keep = (b[:, 2] - b[:, 0] > 1e-3) & (b[:, 3] - b[:, 1] > 1e-3)
+        keep = (b[:, 2] - b[:, 0] >= MIN_BOX_SIDE) & (b[:, 3] - b[:, 1] >= MIN_BOX_SIDE)
         return out, b, keep, mask
     return out, boxes, None, mask
 

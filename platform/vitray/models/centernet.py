@@ -9,7 +9,8 @@ optionally ``crowd`` (B, M) bool. Everything is vectorised over the batch (no pe
   loss (the detector is neither rewarded nor punished there, as COCO's evaluation ignores them).
 * Loss: CenterNet's penalty-reduced focal loss on the heatmap (alpha 2, beta 4; not torchvision's
   ``sigmoid_focal_loss``, which has no Gaussian-reduced negatives), plus L1 on size (weight 0.1) and centre offset
-  (weight 1) at the true centres, each normalised by the number of objects.
+  (weight 1) at the true centres, each normalised by the number of centre peaks (objects; two objects of one class
+  centred in the same cell count once).
 * Decoding: a peak is a cell equal to the 3x3 max-pool of the heatmap; the top-k peaks over all classes become boxes
   (centre + offset, size), clipped to the image (``torchvision.ops.clip_boxes_to_image``) and, where asked, passed
   through class-wise NMS (``torchvision.ops.batched_nms``).
@@ -47,6 +48,9 @@ def centernet_targets(boxes: torch.Tensor, labels: torch.Tensor, num_classes: in
     centre cell, size (cells) and offset targets."""
     bsz = labels.shape[0]
     h, w = hw
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise ValueError(f"a box label is {int(labels.max())} but the model has {num_classes} classes "
+                         "(model.num_classes must cover the data's box labels)")
     b, cell, centre, size, cls, is_crowd = _objects(boxes, labels, crowd, stride, hw)
     heat = torch.zeros(bsz, num_classes, h, w, device=boxes.device)
     if len(b):

@@ -34,8 +34,9 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 HEAT_PRIOR = 0.1  # initial centre probability everywhere (CenterNet's bias init, -2.19)
 
 
-def pyramid_strides(img_size: int, patch: int) -> list[int]:
-    """The strides of the levels built for an input of ``img_size`` (each level at least 2x2)."""
+def pyramid_strides(img_size: int) -> list[int]:
+    """The strides of the levels built for an input of ``img_size`` (each level at least 2x2), whatever the patch
+    size: the first is the CenterNet head's output stride."""
     strides = [s for s in PYRAMID_STRIDES if img_size // s >= 2]
     return strides or [min(PYRAMID_STRIDES)]
 
@@ -62,7 +63,7 @@ def _level(in_dim: int, patch: int, stride: int, channels: int) -> nn.Module:
 class SimpleFeaturePyramid(nn.Module):
     def __init__(self, in_dim: int, patch: int, img_size: int, channels: int = 64):
         super().__init__()
-        self.strides = pyramid_strides(img_size, patch)
+        self.strides = pyramid_strides(img_size)
         self.levels = nn.ModuleList(_level(in_dim, patch, s, channels) for s in self.strides)
 
     def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> list[torch.Tensor]:

@@ -18,6 +18,8 @@ class Codec:
 
     #: the shard column that holds class ids (a list column counts each element), for class-mix checks
     class_column: str | None = None
+    #: columns read when a shard has them (added after shards of the task were first packed)
+    optional_columns: tuple[str, ...] = ()
     #: what a class count counts, for `vitray data inspect`
     counted = "images"
     #: the class ids of every row are below the number of class names (checked when packing)

@@ -467,7 +467,9 @@ class _Worker:
             state.update({k: v.clone() for k, v in self.ema.state_dict().items()})
         if self.is_rank0:
             extra = {"mlflow_run_id": self.tracking["run_id"], "mlflow_tracking_uri": self.tracking["tracking_uri"]} \
-                if self.tracking else None
+                if self.tracking else {}
+            if self.loop_cfg.get("category_ids"):  # the source's class ids (COCO categories), for answers in them
+                extra["category_ids"] = self.loop_cfg["category_ids"]
             metrics = dict(self.last_val)
             if self.ema is not None:  # the export is the EMA model: its metrics under the plain names (the gate's)
                 for key in [k for k in metrics if k.endswith("_ema")]:

@@ -328,6 +328,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
               f"{cfg.deepspeed.precision}, {'GPU/NCCL' if cfg.cluster.use_gpu else 'CPU/gloo'}", flush=True)
         loop_cfg = {
             "config": cfg.model_dump(mode="json"), "plan": plan.as_dict(), "class_names": spec.class_names,
+            "category_ids": spec.category_ids,
             "has_val": "val" in datasets, "export_dir": export_dir, "run_dir": run_dir,
             "shuffle_buffer": shuffle_buffer_rows(cfg.data, img_size),
             "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,

@@ -23,6 +23,7 @@ class DetectionCodec(Codec):
     class_column = "box_labels"
     counted = "boxes"
     bounded_labels = False
+    optional_columns = ("box_crowd",)  # detection shards packed before crowd boxes were kept have none
 
     def fields(self):
         return [pa.field("boxes", pa.list_(pa.list_(pa.float32()))), pa.field("box_labels", pa.list_(pa.int32())),

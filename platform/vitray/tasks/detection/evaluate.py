@@ -53,8 +53,9 @@ def coco_stats(truths: list, detections: list, sizes: list[tuple[int, int]], num
         if backend == "faster":
             from faster_coco_eval import COCO, COCOeval_faster
 
-            coco_gt = COCO(gt)
-            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+            quiet = dict(print_function=lambda *a, **k: None)  # its tables go to logging otherwise
+            coco_gt = COCO(gt, **quiet)
+            ev = COCOeval_faster(coco_gt, coco_gt.loadRes(results), iouType="bbox", **quiet)
         elif backend == "pycocotools":
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval

@@ -7,7 +7,8 @@ export's ``detection.score_threshold``) and ``max_detections`` filter the answer
 
 * HTTP ``POST /v1/detect``: ``{model, version, alias, image: {width, height}, detections: [{label, class_id, score,
   box: {xmin, ymin, xmax, ymax}}]}``; ``?format=coco``: ``results``, COCO result records (``image_id`` from the
-  ``image_id`` parameter, ``category_id`` = class id + 1 as `vitray data compose` numbers them, ``bbox`` xywh);
+  ``image_id`` parameter, ``category_id`` the COCO file's own category id when the model was trained on a COCO pack,
+  else class id + 1; ``bbox`` xywh);
 * MLflow pyfunc: one row per image, ``boxes`` (xyxy lists), ``scores``, ``labels``, ``names``, ``width``, ``height``;
 * ``vitray score``: ``detections`` (a list of {label, class_id, score, xmin, ymin, xmax, ymax} structs), ``width``,
   ``height``.
@@ -96,7 +97,7 @@ class DetectionHead(InferenceHead):
 
         arch = meta["model"]
         s = int(meta["preprocessing"]["img_size"])
-        dets = centernet_decode(outputs, pyramid_strides(s, 16)[0], (s, s), k=int(arch.get("max_detections", 100)),
+        dets = centernet_decode(outputs, pyramid_strides(s)[0], (s, s), k=int(arch.get("max_detections", 100)),
                                 nms_iou=arch.get("nms_iou"), min_score=DECODE_MIN_SCORE)
         out = []
         for i, (boxes, scores, labels) in enumerate(dets):
@@ -129,7 +130,9 @@ class DetectionHead(InferenceHead):
         records = self._records(answer, meta, params)
         out = {"image": {"width": int(w), "height": int(h)}}
         if params.format == "coco":
-            out["results"] = [{"image_id": params.image_id, "category_id": r["class_id"] + 1, "score": r["score"],
+            ids = meta.get("category_ids") or list(range(1, len(meta.get("class_names") or []) + 1))
+            out["results"] = [{"image_id": params.image_id, "score": r["score"],
+                               "category_id": ids[r["class_id"]] if r["class_id"] < len(ids) else r["class_id"] + 1,
                                "bbox": [r["xmin"], r["ymin"], r["xmax"] - r["xmin"], r["ymax"] - r["ymin"]]}
                               for r in records]
         else:

@@ -44,7 +44,7 @@ class DetectionMetric(Metric):
                                 min_score=EVAL_MIN_SCORE)
         loss, _ = centernet_loss(outputs, batch["boxes"], batch["box_labels"], task.stride, batch.get("box_crowd"))
         n = len(outputs)
-        part = torch.stack([loss.detach().double() * n, torch.tensor(float(n), dtype=torch.float64)])
+        part = torch.stack([loss.detach().double() * n, torch.tensor(float(n), dtype=torch.float64, device=loss.device)])
         self.loss = part if self.loss is None else self.loss + part
         boxes, labels = batch["boxes"].cpu().numpy(), batch["box_labels"].cpu().numpy()
         crowd = batch["box_crowd"].cpu().numpy() if "box_crowd" in batch else np.zeros_like(labels, dtype=bool)
@@ -93,8 +93,7 @@ class DetectionTask(Task):
         from vitray.models.detection import pyramid_strides
         from vitray.models.zoo import default_img_size
 
-        patch = 16  # only the finest stride matters, and it does not depend on the patch
-        self.stride = pyramid_strides(cfg.model.img_size or default_img_size(cfg.model.name), patch)[0]
+        self.stride = pyramid_strides(cfg.model.img_size or default_img_size(cfg.model.name))[0]
 
     def training_loss(self, model, batch, dtype):
         outputs = model(self.inputs(batch, dtype))
