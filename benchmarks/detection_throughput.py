@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from segmentation_throughput import serve_mode, val_images, vitray_run  # noqa: E402
+from segmentation_throughput import serve_mode, train_rows, val_images  # noqa: E402
 
 
 def make_shards(root: Path, n: int) -> str:
@@ -168,7 +168,6 @@ def main() -> int:
     from vitray.train.trainer import init_ray
 
     cores = os.cpu_count() or 1
-    half = max(1, cores // 2)
     work = Path(tempfile.mkdtemp(prefix="vitray-bench-det-"))
     os.environ["VITRAY_HOME"] = str(work / "home")
     storage = str(work / "runs")
@@ -186,14 +185,9 @@ def main() -> int:
 
     init_ray(None, cores + max(2, cores // 2))  # once: trainers + Ray Data's decode tasks, then Serve, then scoring
     try:
-        one, res1 = vitray_run(config(shards, storage, args.steps, 1, cores, "w1"))
-        rows.append(("train", f"vitray, 1 worker x {cores} CPUs, ZeRO-2, Ray Data from shards", one, res1.seconds,
-                     one / base))
-        print(rows[-1], flush=True)
-        two, res2 = vitray_run(config(shards, storage, args.steps, 2, half, "w2"))
-        rows.append(("train", f"vitray, 2 workers x {half} CPUs, ZeRO-2 (vs the plain loop; {two / one:.2f}x 1 worker)",
-                     two, res2.seconds, two / base))
-        print(rows[-1], flush=True)
+        more, (one, res1), (two, _) = train_rows(
+            lambda w, c, name: config(shards, storage, args.steps, w, c, name), base, cores, "val/map")
+        rows += more
 
         data = val_images(shards, 256)
         ongoing = max(2 * args.batch, args.clients)

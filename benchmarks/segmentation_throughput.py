@@ -103,6 +103,21 @@ def vitray_run(cfg):
     return float(np.median(rates)), res
 
 
+def train_rows(config_of, base: float, cores: int, what: str = "") -> tuple[list, tuple, tuple]:
+    """The two vitray training rows against the plain loop's ``base`` img/s: 1 worker with every core, then 2 workers
+    with half each; ``config_of(workers, cpus_per_worker, run_name)`` makes each run's config. Returns (rows,
+    (1-worker img/s, result), (2-worker img/s, result))."""
+    half = max(1, cores // 2)
+    one, res1 = vitray_run(config_of(1, cores, "w1"))
+    rows = [("train", f"vitray, 1 worker x {cores} CPUs, ZeRO-2, Ray Data from shards", one, res1.seconds, one / base)]
+    print(rows[-1], what and f"{what} {res1.metrics.get(what, float('nan')):.3f}", flush=True)
+    two, res2 = vitray_run(config_of(2, half, "w2"))
+    rows.append(("train", f"vitray, 2 workers x {half} CPUs, ZeRO-2 (vs the plain loop; {two / one:.2f}x 1 worker)",
+                 two, res2.seconds, two / base))
+    print(rows[-1], flush=True)
+    return rows, (one, res1), (two, res2)
+
+
 def val_images(shards: str, n: int) -> list[tuple[bytes, int, int]]:
     import pyarrow.parquet as pq
 
@@ -214,7 +229,6 @@ def main() -> int:
     from vitray.train.trainer import init_ray
 
     cores = os.cpu_count() or 1
-    half = max(1, cores // 2)
     work = Path(tempfile.mkdtemp(prefix="vitray-bench-seg-"))
     os.environ["VITRAY_HOME"] = str(work / "home")
     storage = str(work / "runs")
@@ -231,14 +245,9 @@ def main() -> int:
 
     init_ray(None, cores + max(2, cores // 2))  # once: trainers + Ray Data's decode tasks, then the Serve replica
     try:
-        one, res1 = vitray_run(config(shards, storage, args.steps, 1, cores, args.decoder, "w1"))
-        rows.append(("train", f"vitray, 1 worker x {cores} CPUs, ZeRO-2, Ray Data from shards", one, res1.seconds,
-                     one / base))
-        print(rows[-1], f"val mIoU {res1.metrics.get('val/miou', float('nan')):.3f}", flush=True)
-        two, res2 = vitray_run(config(shards, storage, args.steps, 2, half, args.decoder, "w2"))
-        rows.append(("train", f"vitray, 2 workers x {half} CPUs, ZeRO-2 (vs the plain loop; {two / one:.2f}x 1 worker)",
-                     two, res2.seconds, two / base))
-        print(rows[-1], flush=True)
+        more, (one, res1), (two, _) = train_rows(
+            lambda w, c, name: config(shards, storage, args.steps, w, c, args.decoder, name), base, cores, "val/miou")
+        rows += more
 
         data = val_images(shards, 256)
         ongoing = max(2 * args.batch, args.clients)

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-__all__ = ["InferenceHead", "eval_input", "png_bytes"]
+__all__ = ["InferenceHead", "eval_input", "png_bytes", "per_row"]
 
 
 def eval_input(rgb: np.ndarray, meta: dict, codec) -> np.ndarray:
@@ -27,6 +27,21 @@ def png_bytes(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), "L").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def per_row(answers, ok: np.ndarray, encode, empty: tuple) -> tuple[list[np.ndarray], np.ndarray]:
+    """Scoring columns of variable-size answers: ``encode(answer)`` -> (value per column...) for each good row, the
+    ``empty`` values in error rows; returns (one object array per column, (N, 2) int32 (height, width) sizes)."""
+    n = len(ok)
+    cols = [np.empty(n, dtype=object) for _ in empty]
+    sizes = np.zeros((n, 2), dtype=np.int32)
+    it = iter(answers)
+    for i in range(n):
+        values, size = encode(next(it)) if ok[i] else (empty, (0, 0))
+        for col, value in zip(cols, values):
+            col[i] = value
+        sizes[i] = size
+    return cols, sizes
 
 
 class InferenceHead:

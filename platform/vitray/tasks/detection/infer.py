@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vitray.tasks.detection.data import CODEC
-from vitray.tasks.infer_base import InferenceHead
+from vitray.tasks.infer_base import InferenceHead, per_row
 
 __all__ = ["HEAD", "DetectParams", "DetectResponse"]
 
@@ -167,16 +167,7 @@ class DetectionHead(InferenceHead):
         return [("detections", pa.list_(self._struct())), ("width", pa.int32()), ("height", pa.int32())]
 
     def score_outputs(self, answers, ok: np.ndarray, meta: dict, options: dict) -> dict[str, np.ndarray]:
-        n = len(ok)
-        dets = np.empty(n, dtype=object)
-        sizes = np.zeros((n, 2), dtype=np.int32)
-        it = iter(answers)
-        for i in range(n):
-            if ok[i]:
-                a = next(it)
-                dets[i], sizes[i] = json.dumps(self._records(a, meta)), a["size"]
-            else:
-                dets[i] = ""
+        (dets,), sizes = per_row(answers, ok, lambda a: ((json.dumps(self._records(a, meta)),), a["size"]), ("",))
         return {"detections": dets, "image_hw": sizes}
 
     def score_columns(self, cols: dict, good: list[bool], meta: dict) -> dict:

@@ -16,7 +16,7 @@ from vitray.models.centernet import centernet_decode, centernet_loss
 from vitray.tasks.detection.evaluate import coco_stats
 from vitray.train.tasks import Metric, Task
 
-__all__ = ["TRAINING", "DetectionTask", "DetectionMetric", "EVAL_MIN_SCORE", "PICTURE_MIN_SCORE"]
+__all__ = ["TRAINING", "DetectionTask", "DetectionMetric", "EVAL_MIN_SCORE"]
 
 EVAL_MIN_SCORE = 0.001  # detections below this are not worth evaluating (COCO keeps the best 100 per image anyway)
 

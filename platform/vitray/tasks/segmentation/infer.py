@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from vitray.tasks.infer_base import InferenceHead, png_bytes
+from vitray.tasks.infer_base import InferenceHead, per_row, png_bytes
 from vitray.tasks.segmentation.data import CODEC
 
 __all__ = ["HEAD", "SegmentParams", "SegmentResponse", "class_areas"]
@@ -118,17 +118,8 @@ class SegmentationHead(InferenceHead):
 
     def score_outputs(self, results, ok: np.ndarray, meta: dict, options: dict) -> dict[str, np.ndarray]:
         names = list(meta.get("class_names") or [])
-        n = len(ok)
-        masks = np.empty(n, dtype=object)
-        areas = np.empty(n, dtype=object)
-        sizes = np.zeros((n, 2), dtype=np.int32)
-        it = iter(results)
-        for i in range(n):
-            if ok[i]:
-                m = next(it)
-                masks[i], areas[i], sizes[i] = png_bytes(m), json.dumps(class_areas(m, names)), m.shape
-            else:
-                masks[i], areas[i] = b"", ""
+        (masks, areas), sizes = per_row(results, ok, lambda m: ((png_bytes(m), json.dumps(class_areas(m, names))),
+                                                                m.shape), (b"", ""))
         return {"mask": masks, "class_areas": areas, "mask_hw": sizes}
 
     def score_columns(self, cols: dict, good: list[bool], meta: dict) -> dict:
