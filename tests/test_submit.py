@@ -182,6 +182,14 @@ def test_scoring_whose_actors_take_every_cpu_fails_fast(ray_head, digits, tmp_pa
     assert time.monotonic() - t0 < 60  # the issue's bound: fails within a minute instead of hanging
 
 
+def _worker_auth() -> dict:
+    """A joining node speaks the head's auth mode. A head started where ~/.ray/auth_token already exists runs with
+    token auth, and a plain `ray start --address` then fails with "RAY_AUTH_MODE is currently 'disabled'"; a
+    token-mode node also joins a head without auth (seen here), so token mode whenever the token file is there."""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    return {"RAY_AUTH_MODE": "token"} if token.is_file() else {}
+
+
 def test_training_that_takes_every_cpu_fails_fast_and_runs_with_a_third_cpu(ray_head, digits, tmp_path):
     """The issue's case with Ray's own tools: `ray start --head --num-cpus=2`, 2 trainers x 1 CPU. vitray exits 1
     within a minute with the numbers and the fields to change; after a 1-CPU worker node joins (the third CPU) the
@@ -203,7 +211,7 @@ def test_training_that_takes_every_cpu_fails_fast_and_runs_with_a_third_cpu(ray_
          "--num-cpus=1", f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": ""})
+        env={**os.environ, "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": "", **_worker_auth()})
     try:
         deadline = time.time() + 90
         status = ""
