@@ -176,7 +176,7 @@ def test_killed_job_rerun_has_every_id_once_and_corrupt_images_are_error_rows(re
         done_before = {f.name for f in out.glob("part-*.parquet")}
         if len(done_before) < 50:
             break
-    assert 1 <= len(done_before) < 50  # 400 images / 8 per unit
+    assert len(done_before) in range(1, 50)  # killed midway: 400 images / 8 per unit
 
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
