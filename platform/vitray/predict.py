@@ -194,7 +194,7 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
     ...). Returns (metrics, images)."""
     import pyarrow.parquet as pq
 
-    from vitray.config import parse_config
+    from vitray.config import RunConfig, parse_config
     from vitray.data.formats import Manifest
     from vitray.data.pipeline import EVAL_MAX_BOXES, decode_batch, read_columns
     from vitray.train.tasks import build_task
@@ -205,8 +205,8 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
     from vitray.tasks import get_task
 
     section = get_task(task).options  # the task's options the export kept (decode settings, ...)
-    options = {k: v for k, v in meta["model"].items() if section and k in type(getattr(parse_config({}), section))
-               .model_fields}
+    fields = RunConfig.model_fields[section].annotation.model_fields if section else {}
+    options = {k: v for k, v in meta["model"].items() if k in fields}
     cfg = parse_config({"model": {"name": meta["model"]["name"], "num_classes": len(names),
                                   "img_size": meta["model"].get("img_size")}, "train": {"task": task},
                         **({section: options} if section else {})})
