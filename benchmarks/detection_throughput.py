@@ -26,8 +26,8 @@ each file, decodes and prepares each image with vitray's own preprocessing (one 
 batches of --score-batch through the export and decodes the boxes (the task's postprocess); `vitray score` does the
 same on Ray Data (decode tasks + one predictor actor with --score-cpus, default every core) and writes Parquet; its
 figure is the job's own (pipeline start included). Both in the same precision (auto: bf16 on a CPU with AMX). Goal:
-vitray score >= 0.9x the plain loop. With one CPU per actor (vitray score's default) the 64 px detector is
-compute-bound on that one core: 326 img/s against 468 with two, for 16,384 images.
+vitray score >= 0.9x the plain loop. --score-cpus 1 gives vitray score's default of one CPU per actor, where the
+64 px detector is compute-bound on that one core.
 """
 from __future__ import annotations
 
