@@ -18,7 +18,7 @@ from PIL import Image
 from imagegen import encode, make_imagefolder, rgb
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKED = ["classification", "segmentation", "detection"]  # the tasks with every layer; checked against the registry
+TASKED = ["classification", "segmentation", "detection", "mae"]  # the tasks with every layer; checked against the registry
 
 
 def _free_port() -> int:
@@ -56,8 +56,8 @@ def test_a_task_without_a_layer_says_what_it_can_do(monkeypatch):
         get_task("keypoints", "train")
     with pytest.raises(ConfigError, match=r"train\.task: .*cannot be trained yet"):
         parse_config({"train": {"task": "keypoints"}})
-    with pytest.raises(ConfigError, match=r"train\.task: unknown task 'mae' \(known: classification"):
-        parse_config({"train": {"task": "mae"}})
+    with pytest.raises(ConfigError, match=r"train\.task: unknown task 'generation' \(known: classification"):
+        parse_config({"train": {"task": "generation"}})
     cfg = parse_config({"train": {"task": "segmentation"}})  # "auto" metrics follow the task
     assert (cfg.cluster.checkpoint_score_metric, cfg.tracking.promotion_metric) == ("val/miou", "val/miou")
     assert parse_config({}).tracking.promotion_metric == "val/top1"
@@ -140,10 +140,16 @@ def _data(task: str, root: Path) -> tuple[str, int]:
     elif task == "segmentation":
         compose("-", str(root / "src"), source="sklearn-digits", classes="0,1", n=24, size=32)
         m = pack(str(root / "src"), str(root / "shards"), "masks", val_fraction=0.3, progress=False)
-    else:
+    elif task == "detection":
         compose("-", str(root / "src"), source="sklearn-digits", classes="0,1", n=24, size=32)
         m = pack(str(root / "src" / "annotations.json"), str(root / "shards"), "coco", task="detection",
                  images=str(root / "src" / "images"), progress=False)
+    else:  # a flat folder of images, no labels: the unlabeled set MAE pretrains on
+        (root / "src").mkdir(parents=True)
+        for i in range(18):
+            (root / "src" / f"img_{i:03d}.png").write_bytes(encode(rgb(i, (28 + i, 36))))
+        m = pack(str(root / "src"), str(root / "shards"), "imagefolder", val_fraction=0.3, progress=False)
+        assert m.task == "mae" and m.class_names == []
     return str(root / "shards"), m.num_classes
 
 
@@ -198,6 +204,9 @@ def _http_answer(task: str, body: dict, frame_row) -> None:
     """The HTTP answer and the pyfunc's row agree (per task: what each returns)."""
     if task == "classification":
         assert np.abs(np.asarray(body["probs"]) - np.asarray(frame_row["probs"])).max() <= 1e-5
+    elif task == "mae":  # the encoder's pooled features (a backbone, not a classifier)
+        assert body["dim"] == len(frame_row["embedding"]) == 96
+        assert np.abs(np.asarray(body["embedding"]) - np.asarray(frame_row["embedding"])).max() <= 1e-5
     elif task == "detection":
         dets = body["detections"]
         assert dets and [d["class_id"] for d in dets] == list(frame_row["labels"])
@@ -212,7 +221,7 @@ def _http_answer(task: str, body: dict, frame_row) -> None:
         assert body["image"] == {"width": served.shape[1], "height": served.shape[0]}
 
 
-HTTP_PARAMS = {"classification": {"probs": "true"}, "segmentation": {}, "detection": {}}
+HTTP_PARAMS = {"classification": {"probs": "true"}, "segmentation": {}, "detection": {}, "mae": {}}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +287,8 @@ def _row_as_body(task: str, row) -> dict:
     """The direct predictor's row in the shape of an HTTP answer (to compare it with the pyfunc the same way)."""
     if task == "classification":
         return {"probs": row["probs"]}
+    if task == "mae":
+        return {"dim": len(row["embedding"]), "embedding": row["embedding"]}
     if task == "detection":
         return {"image": {"width": int(row["width"]), "height": int(row["height"])},
                 "detections": [{"label": n, "class_id": int(c), "score": float(s), "box": dict(zip(

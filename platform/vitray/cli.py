@@ -336,8 +336,42 @@ def cmd_score(args) -> int:
           precision=sc.precision, top_k=sc.top_k, fmt=sc.format, image_column=sc.image_column,
           files_per_unit=sc.files_per_unit, cpus_per_actor=sc.cpus_per_actor, max_pixels=sc.max_pixels,
           tracking_cfg=cfg.tracking, overwrite=args.overwrite, address=args.address or cfg.cluster.address,
-          resource_wait_s=cfg.cluster.resource_wait_s, stall_timeout_s=sc.stall_timeout_s)
+          resource_wait_s=cfg.cluster.resource_wait_s, stall_timeout_s=sc.stall_timeout_s,
+          outputs=getattr(args, "outputs", "task"))
     return 0
+
+
+def score_parser(sub, command: str, captured) -> None:
+    """``vitray score`` and ``vitray embed``: the same job (input, output, exactly-once units), task answers or
+    embeddings."""
+    embed = command == "embed"
+    p = sub.add_parser(command, help="pooled encoder features of any model into Parquet (exactly once, as score)"
+                       if embed else "batch-score images with a model on Ray Data into Parquet (exactly once; "
+                                     "a rerun finishes an interrupted job)")
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="?", help="optional config (its score section)")
+    p.add_argument("--model", default=None, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... "
+                                                                 "or an export folder")
+    p.add_argument("--input", default=None, metavar="PATH", help="packed shards, Parquet, WebDataset tars or an image "
+                                                                  "folder")
+    p.add_argument("--output", default=None, metavar="DIR", help="output folder (rerun into it to finish a job)")
+    p.add_argument("--format", default=None, choices=["auto", "shards", "parquet", "webdataset", "images"])
+    p.add_argument("--image-column", dest="image_column", default=None, help="Parquet input: the image column")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="images per forward (default 64)")
+    p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default 1)")
+    p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, default=None)
+    p.add_argument("--files-per-unit", dest="files_per_unit", type=int, default=None,
+                   help="image folders: files per output part (default 1024)")
+    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", help="one GPU per predictor actor")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    if not embed:
+        p.add_argument("--top-k", dest="top_k", type=int, default=None, help="classes kept per image (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="discard what the output folder holds and start again")
+    p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: a local Ray)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow (default: tracking.uri, "
+                   "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_score, outputs="embedding" if embed else "task", **({"top_k": None} if embed else {}))
+    captured(p, command)
 
 
 def cmd_ui(args) -> int:
@@ -581,31 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     captured(p, "serve")
 
-    p = sub.add_parser("score", help="batch-score images with a model on Ray Data into Parquet (exactly once; "
-                                     "a rerun finishes an interrupted job)")
-    p.add_argument("config", metavar="CONFIG.yaml", nargs="?", help="optional config (its score section)")
-    p.add_argument("--model", default=None, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... "
-                                                                 "or an export folder")
-    p.add_argument("--input", default=None, metavar="PATH", help="packed shards, Parquet, WebDataset tars or an image "
-                                                                  "folder")
-    p.add_argument("--output", default=None, metavar="DIR", help="output folder (rerun into it to finish a job)")
-    p.add_argument("--format", default=None, choices=["auto", "shards", "parquet", "webdataset", "images"])
-    p.add_argument("--image-column", dest="image_column", default=None, help="Parquet input: the image column")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help="images per forward (default 64)")
-    p.add_argument("--concurrency", type=int, default=None, help="predictor actors (default 1)")
-    p.add_argument("--cpus-per-actor", dest="cpus_per_actor", type=float, default=None)
-    p.add_argument("--files-per-unit", dest="files_per_unit", type=int, default=None,
-                   help="image folders: files per output part (default 1024)")
-    p.add_argument("--use-gpu", dest="use_gpu", action="store_true", help="one GPU per predictor actor")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
-    p.add_argument("--top-k", dest="top_k", type=int, default=None, help="classes kept per image (default 5)")
-    p.add_argument("--overwrite", action="store_true", help="discard what the output folder holds and start again")
-    p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (default: a local Ray)")
-    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow (default: tracking.uri, "
-                   "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.set_defaults(func=cmd_score)
-    captured(p, "score")
+    for command in ("score", "embed"):
+        score_parser(sub, command, captured)
 
     def cluster_args(p):
         p.add_argument("--address", default=None, help="the job server, http://HEAD:8265 (default $RAY_ADDRESS, "

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from vitray.tasks import TaskError, get_task, task_names  # torch-free: the one list of tasks
+from vitray.tasks import TASKS, TaskError, get_task, task_names  # torch-free: the one list of tasks
 
 __all__ = [
     "ConfigError", "RunConfig", "load_config", "parse_config", "apply_overrides", "dump_config",
@@ -150,6 +150,9 @@ class TrainConfig(_Section):
     warmup_steps: int | None = Field(None, ge=0)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    linear_probe: bool = Field(False, description="freeze the backbone (model.checkpoint's encoder) and train only "
+                                                  "a BatchNorm without affine + a linear head on its pooled "
+                                                  "features (MAE's linear probing)")
     ema: EmaConfig = EmaConfig()
     distillation: DistillationConfig = DistillationConfig()
     eval_every_steps: int | None = Field(None, gt=0, description="evaluate every N steps (default: each epoch)")
@@ -236,6 +239,25 @@ class DetectionConfig(_Section):
                                                                     "null: none (CenterNet's peaks alone)")
     score_threshold: float = Field(0.25, ge=0.0, le=1.0, description="default minimum score of served, scored and "
                                                                      "pyfunc detections (requests may ask for another)")
+
+
+class MaeConfig(_Section):
+    """``train.task: mae``: masked-autoencoder pretraining of ``model`` (the encoder) on unlabeled images."""
+
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="share of each image's patches masked "
+                                                                 "(round(ratio x patches) per image)")
+    decoder_dim: int = Field(128, gt=0, description="decoder width (MAE's ViT-B recipe: 512)")
+    decoder_depth: int = Field(2, gt=0, description="decoder blocks (MAE: 8)")
+    decoder_heads: int = Field(4, gt=0, description="decoder attention heads (MAE: 16)")
+    norm_pix_loss: bool = Field(True, description="regress each patch's pixels normalised by its own mean and "
+                                                  "variance (MAE's better representation)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by decoder_heads "
+                             f"({self.decoder_heads}) and by 4 (2-D sin-cos positions)")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -407,6 +429,7 @@ class RunConfig(_Section):
     train: TrainConfig = TrainConfig()
     segmentation: SegmentationConfig = SegmentationConfig()
     detection: DetectionConfig = DetectionConfig()
+    mae: MaeConfig = MaeConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -418,6 +441,9 @@ class RunConfig(_Section):
     def _task_defaults(self):
         """``auto`` metrics become the task's primary metric and direction (checkpoint scoring, the gate)."""
         info = get_task(self.train.task)
+        if self.train.linear_probe and not info.probes:
+            raise ValueError(f"train.linear_probe: a {self.train.task} model has no linear head to probe with "
+                             f"(tasks that do: {', '.join(n for n, t in TASKS.items() if t.probes)})")
         if self.cluster.checkpoint_score_metric == "auto":
             self.cluster.checkpoint_score_metric = info.primary_metric
         if self.cluster.checkpoint_score_mode == "auto":

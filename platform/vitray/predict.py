@@ -99,11 +99,19 @@ class Predictor:
     probabilities, a class-index mask at the original size, ...); ``frame(images)`` the MLflow pyfunc's DataFrame."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, device: str | torch.device = "cpu",
-                 precision: str = "fp32", max_pixels: int | None = MAX_PIXELS):
+                 precision: str = "fp32", max_pixels: int | None = MAX_PIXELS, outputs: str = "task"):
+        """``outputs``: ``task``, the answers of the export's task; ``embedding``, the pooled features of its ViT
+        encoder (``vitray embed``; :mod:`vitray.tasks.embedding`)."""
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
         self.meta = meta
         self.head = head_of(meta)
+        if outputs == "embedding":
+            from vitray.tasks.embedding import embedder, embedding_head_of
+
+            model, self.head = embedder(model), embedding_head_of(self.head)
+        elif outputs != "task":
+            raise ValueError(f"outputs must be 'task' or 'embedding', got {outputs!r}")
+        self.model = model.to(self.device).eval()
         self.task = meta["task"]
         self.class_names = list(meta.get("class_names") or [])
         self.precision = resolve_precision(precision, self.device)

@@ -120,7 +120,9 @@ class Scorer:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         with tempfile.TemporaryDirectory(prefix="vitray-score-") as tmp:  # weights are in memory once loaded
             model, meta = load_export(resolve_model_uri(model_uri, tracking_uri, dest=tmp), device=device)
-        self.predictor = Predictor(model, meta, device=device, precision=precision)  # auto: resolved on this device
+        # precision auto: resolved on this device; outputs: the task's answers, or embeddings (vitray embed)
+        self.predictor = Predictor(model, meta, device=device, precision=precision,
+                                   outputs=options.get("outputs", "task"))
         self.options = options
 
     def __call__(self, batch: dict) -> dict:
@@ -140,11 +142,15 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool) -> dict:
+def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = "task") -> dict:
     """The job record of this output folder: created on the first run, checked on every rerun."""
     path = out / JOB_FILE
     if path.is_file() and not overwrite:
         job = json.loads(path.read_text())
+        if job.get("outputs", "task") != outputs:
+            what = {"task": "`vitray score` answers", "embedding": "`vitray embed` embeddings"}
+            raise InputError(f"output {out} holds {what[job.get('outputs', 'task')]}, not {what[outputs]}; use a "
+                             "new output folder or --overwrite")
         if job["input"]["fingerprint"] != inp.fingerprint:
             raise InputError(f"output {out} holds the scoring of another input ({job['input']['root']}, "
                              f"{job['input']['rows']:,} rows); use a new output folder or --overwrite")
@@ -155,7 +161,7 @@ def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool) -> dict:
     if overwrite:
         for f in out.glob("part-*.parquet"):
             f.unlink()
-    job = {"input": inp.to_json(), "model": pin, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    job = {"input": inp.to_json(), "model": pin, "outputs": outputs, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(path, job)
     return job
 
@@ -221,9 +227,11 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
           use_gpu: bool = False, precision: str = "auto", top_k: int = 5, fmt: str = "auto",
           image_column: str | None = None, files_per_unit: int = 1024, cpus_per_actor: float = 1.0,
           max_pixels: int = MAX_PIXELS, tracking_cfg=None, overwrite: bool = False,
-          address: str | None = None, resource_wait_s: float = 0.0, stall_timeout_s: float = 300.0) -> ScoreSummary:
+          address: str | None = None, resource_wait_s: float = 0.0, stall_timeout_s: float = 300.0,
+          outputs: str = "task") -> ScoreSummary:
     """Score ``input_path`` with ``model_uri`` into ``output`` (see the module docstring). Input and model problems
-    raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts."""
+    raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts. ``outputs="embedding"``: the pooled
+    features of the model's encoder instead of its task's answers (``vitray embed``)."""
     import tempfile
 
     from vitray.config import TrackingConfig
@@ -239,7 +247,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         raise InputError(f"output {output}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     with console.log_to(out / LOG_DIR / f"score-{time.strftime('%Y%m%d-%H%M%S')}.log") as log_path:
-        job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite)
+        job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite, outputs)
         pin = job["model"]
         with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
             folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
@@ -256,7 +264,11 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
             head = get_task(meta["task"], "infer").load("infer")  # the task's columns and answers
         except TaskError as err:
             raise InputError(f"model {model_uri}: {err}") from None
-        options = {"top_k": top_k}
+        if outputs == "embedding":
+            from vitray.tasks.embedding import embedding_head_of
+
+            head = embedding_head_of(head)
+        options = {"top_k": top_k, "outputs": outputs}
         # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
         device_precision = precision if use_gpu and precision == "auto" else resolve_precision(precision, "cpu")
         for stale in out.glob(".part-*.tmp"):

@@ -25,6 +25,7 @@ __all__ = ["Sample", "Skipped", "SourceError", "open_source", "tar_samples", "SO
 
 SOURCE_FORMATS = ("imagefolder", "coco", "masks", "webdataset", "sklearn-digits")
 SPLIT_NAMES = ("train", "val", "test")
+UNLABELED_TASK = "mae"  # the task a pack of images without labels is for (the one that trains on them)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
 
@@ -93,7 +94,12 @@ def imagefolder(src: Path) -> Source:
     roots = [(d.name, d) for d in split_dirs] if split_dirs else [(None, src)]
     classes = sorted({c.name for _, r in roots for c in r.iterdir() if c.is_dir() and not c.name.startswith(".")})
     if not classes:
-        raise SourceError(f"{src}: no class folders found (imagefolder expects SRC/CLASS/IMAGE or SRC/train/CLASS/IMAGE)")
+        loose = [(p.relative_to(src).as_posix(), split) for split, r in roots for p in sorted(r.iterdir())
+                 if p.is_file() and not p.name.startswith(".")]
+        if not loose:
+            raise SourceError(f"{src}: no class folders and no images found (imagefolder expects SRC/CLASS/IMAGE, "
+                              "SRC/train/CLASS/IMAGE, or a flat folder of images: an unlabeled set)")
+        return _unlabeled(src, loose, bool(split_dirs))
     index = {c: i for i, c in enumerate(classes)}
     refs = []  # (relative path, split, label): small, so millions of files list in memory
     for split, root in roots:
@@ -111,6 +117,19 @@ def imagefolder(src: Path) -> Source:
         return data if isinstance(data, Skipped) else Sample(rel, data, split, label=label, path=str(path))
 
     return Source("classification", classes, info={"splits_from_source": bool(split_dirs)}, refs=refs, load=load)
+
+
+def _unlabeled(src: Path, refs: list[tuple[str, str | None]], splits_from_source: bool) -> Source:
+    """A flat folder of images (SRC/IMAGE or SRC/SPLIT/IMAGE): images without labels, packed for the task that
+    trains on them (``mae``); any labelled pack trains it too."""
+    def load(ref):
+        rel, split = ref
+        path = src / rel
+        data = _read(path)
+        return data if isinstance(data, Skipped) else Sample(rel, data, split, path=str(path))
+
+    return Source(UNLABELED_TASK, [], info={"splits_from_source": splits_from_source, "labels": "none"}, refs=refs,
+                  load=load)
 
 
 # ---------------------------------------------------------------------------------------------------- coco

@@ -68,10 +68,14 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     if filter_fn is not None:
         state_dict = filter_fn(dict(state_dict), model)
     own = model.state_dict()
+    state_dict = _pooling_norm(state_dict, own, source)
     reinit = []
     for head in classifier_keys(model):
         keys = [k for k in state_dict if k.startswith(head + ".")]
         if not keys:
+            if any(k.startswith(head + ".") for k in own):  # a backbone (an MAE encoder): a new classifier
+                reinit.append(head)
+                log.info("%s: no %s in the checkpoint (a backbone): the classifier starts fresh", source, head)
             continue
         if not any(k.startswith(head + ".") for k in own):  # backbone without classifier: drop it quietly
             for k in keys:
@@ -99,6 +103,18 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         if unexpected:
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}")
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(parts))
+
+
+def _pooling_norm(state: dict, own: dict, source: str) -> dict:
+    """timm ViTs keep their final LayerNorm as ``norm`` (class-token pooling: before pooling) or ``fc_norm`` (average
+    pooling: after it). A checkpoint of the other pooling initialises the model's final norm from its own (as MAE
+    fine-tuning from a class-token encoder to average pooling does), with a line in the log."""
+    for have, want in (("norm", "fc_norm"), ("fc_norm", "norm")):
+        if f"{have}.weight" in state and f"{want}.weight" not in state and f"{want}.weight" in own \
+                and f"{have}.weight" not in own:
+            state = {(want + k[len(have):] if k.startswith(have + ".") else k): v for k, v in state.items()}
+            log.info("%s: its %s initialises the model's %s (another global pooling)", source, have, want)
+    return state
 
 
 def _filter_fn(model: nn.Module):

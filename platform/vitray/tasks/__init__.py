@@ -38,6 +38,9 @@ class TaskInfo:
     options: str | None = None     # the config section of its own options (``RunConfig.<options>``)
     demo: tuple[str, str] | None = None  # `vitray quickstart --task`: (embedded config file, demo dataset)
     pictures: str = "pictures"     # what its runs draw into MLflow, as the quickstart names it
+    labelled: bool = True          # trains on labels; False: on the images of any pack, labels ignored
+    probes: bool = False           # ``train.linear_probe`` applies (a linear head on a frozen backbone)
+    card: str = ""                 # the registered model version's description: what the model is and is not
     layers: dict[str, str] = field(default_factory=dict)  # layer -> "module:attribute"
 
     def has(self, layer: str) -> bool:
@@ -59,14 +62,23 @@ def _layers(task: str, *names: str) -> dict[str, str]:
 
 TASKS: dict[str, TaskInfo] = {t.name: t for t in (
     TaskInfo("classification", "one label per image", "val/top1", "max", "top-1", ("label",), "/v1/classify",
-             demo=("quickstart.yaml", "digits"), pictures="confusion matrix", layers=_layers("classification", *LAYERS)),
+             demo=("quickstart.yaml", "digits"), pictures="confusion matrix", probes=True,
+             card="An image classifier: class probabilities of the centre crop.",
+             layers=_layers("classification", *LAYERS)),
     TaskInfo("segmentation", "a class per pixel", "val/miou", "max", "mIoU", ("mask",), "/v1/segment",
              options="segmentation", demo=("quickstart-segmentation.yaml", "digit-scenes"),
-             pictures="predicted masks",
+             pictures="predicted masks", card="A semantic segmenter: a class per pixel of the original image.",
              layers=_layers("segmentation", *LAYERS)),
     TaskInfo("detection", "boxes with labels", "val/map", "max", "mAP", ("boxes", "box_labels", "box_crowd"),
              "/v1/detect", options="detection", demo=("quickstart-detection.yaml", "digit-scenes-coco"),
-             pictures="predicted boxes", layers=_layers("detection", *LAYERS)),
+             pictures="predicted boxes", card="An object detector: labelled boxes in the original image's pixels.",
+             layers=_layers("detection", *LAYERS)),
+    TaskInfo("mae", "masked-autoencoder pretraining on unlabeled images", "val/recon_loss", "min",
+             "reconstruction loss", (), "/v1/embed", options="mae", pictures="reconstructions", labelled=False,
+             card="A ViT encoder pretrained as a masked autoencoder (MAE): a backbone, not a classifier. Its pyfunc, "
+                  "route and `vitray score` return pooled embeddings; fine-tune it with model.checkpoint set to this "
+                  "model's URI (classification, segmentation, detection), or probe it with train.linear_probe.",
+             layers=_layers("mae", *LAYERS)),
 )}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["confusion_matrix_image", "prediction_grid_image", "segmentation_grid_image", "class_palette", "colour_mask"]
+__all__ = ["confusion_matrix_image", "prediction_grid_image", "segmentation_grid_image", "class_palette", "colour_mask",
+           "detection_grid_image", "reconstruction_grid_image"]
 
 
 def _figure(width: float, height: float):
@@ -158,5 +159,27 @@ def detection_grid_image(samples: list, class_names: list[str], min_score: float
                     bbox={"facecolor": colour, "pad": 0.5, "lw": 0})
     if title:
         fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return _to_pil(fig)
+
+
+def reconstruction_grid_image(originals: np.ndarray, masked: np.ndarray, recon: np.ndarray, pasted: np.ndarray,
+                              title: str = ""):
+    """MAE: one row per val image: the image, what the encoder saw (masked patches grey), the decoder's
+    reconstruction of every patch, and the reconstruction with the visible patches pasted back. (N, H, W, 3) uint8."""
+    n = min(len(originals), 8)
+    heads = ("original", "masked", "reconstruction", "reconstruction + visible")
+    fig = _figure(4 * 1.5, n * 1.5 + 0.5)
+    axes = fig.subplots(max(n, 1), 4, squeeze=False)
+    for k in range(axes.shape[0]):
+        for j, ax in enumerate(axes[k]):
+            ax.axis("off")
+            if k >= n:
+                continue
+            ax.imshow((originals, masked, recon, pasted)[j][k], interpolation="nearest")
+            if k == 0:
+                ax.set_title(heads[j], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _to_pil(fig)

@@ -191,6 +191,9 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
                     tags[k] = run.data.tags[k]
             mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
             info = get_task(meta["task"])  # "auto": the task's primary metric and direction
+            if info.card:  # the model card: what this version is (an MAE encoder is a backbone, not a classifier)
+                client.update_model_version(name, mv.version, description=f"{info.card} {meta['model']['name']}, "
+                                            f"{predictor.head.describe(meta)}.")
             metric = info.primary_metric if tracking_cfg.promotion_metric == "auto" else tracking_cfg.promotion_metric
             mode = info.mode if tracking_cfg.promotion_mode == "auto" else tracking_cfg.promotion_mode
             value = (meta.get("metrics") or {}).get(metric)

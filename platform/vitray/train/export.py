@@ -49,7 +49,10 @@ def write_export(export_dir: str, state: dict, cfg, class_names: list[str], metr
     from vitray.tasks import get_task
 
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
-    model = get_task(cfg.train.task, "model").load("model").arch(cfg, img_size)
+    architecture = get_task(cfg.train.task, "model").load("model")
+    model = architecture.arch(cfg, img_size)
+    if hasattr(architecture, "export_state"):  # trained with more than it exports (MAE's decoder)
+        state = architecture.export_state(state)
     with tempfile.TemporaryDirectory(prefix="vitray-export-") as tmp:
         save_export(tmp, state, model=model, task=cfg.train.task, class_names=class_names,
                     preprocessing=preprocessing_of(cfg, img_size), metrics=metrics, extra=extra)

@@ -168,18 +168,24 @@ def _plan_resources(cfg: RunConfig):
     return ensure_capacity(plan)
 
 
-def _check_task(cfg: RunConfig, spec, teacher: str | None = None) -> None:
+def _check_task(cfg: RunConfig, spec, teacher: str | None = None):
     """On the driver, before Ray starts: the data holds what the task trains on, with the model's class count, and a
     teacher export is of the same task (a worker failing on it would be retried ``cluster.max_failures`` times for
-    nothing)."""
+    nothing). Returns the spec as the task reads it: a task that trains without labels (``mae``) reads the images
+    of any pack, as its own unlabeled data."""
+    import dataclasses
+
     from vitray.config import ConfigError
     from vitray.models.export import EXPORT_META, read_export_meta
+    from vitray.tasks import get_task
 
     if teacher and (Path(teacher) / EXPORT_META).is_file():
         meta = read_export_meta(teacher)
         if meta["task"] != cfg.train.task:
             raise ConfigError(f"train.distillation.teacher: a {meta['task']} model cannot teach {cfg.train.task}")
 
+    if not get_task(cfg.train.task).labelled:
+        return dataclasses.replace(spec, task=cfg.train.task, class_names=[], category_ids=None)
     if spec.task != cfg.train.task:
         raise ConfigError(f"train.task: {cfg.train.task!r}, but {cfg.data.path} holds {spec.task} data "
                           f"(its manifest says so); pack {cfg.train.task} data or set train.task: {spec.task}")
@@ -187,6 +193,7 @@ def _check_task(cfg: RunConfig, spec, teacher: str | None = None) -> None:
         shown = ", ".join(spec.class_names[:5]) + (", ..." if len(spec.class_names) > 5 else "")
         raise ConfigError(f"model.num_classes: {cfg.model.num_classes}, but {cfg.data.path} has "
                           f"{len(spec.class_names)} classes ({shown})")
+    return spec
 
 
 def _warn_class_mix(cfg: RunConfig, spec) -> None:
@@ -272,8 +279,9 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher", cfg.tracking.uri)
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
-    _check_task(cfg, spec, teacher_checkpoint)
-    _warn_class_mix(cfg, spec)
+    spec = _check_task(cfg, spec, teacher_checkpoint)
+    if spec.class_names:
+        _warn_class_mix(cfg, spec)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
     run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_root(cfg)

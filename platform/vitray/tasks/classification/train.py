@@ -89,6 +89,12 @@ class ClassificationTask(Task):
 
     def build_model(self, checkpoint: str | None = None) -> nn.Module:
         model = super().build_model(checkpoint)
+        if self.cfg.train.linear_probe:  # MAE's linear probing: only the (BatchNorm +) linear head learns
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("head."))
+            if not (checkpoint or self.cfg.model.checkpoint):
+                log.warning("vitray: train.linear_probe without model.checkpoint probes a randomly initialised "
+                            "backbone")
         if self.cfg.train.distillation.teacher and hasattr(model, "set_distilled_training"):
             model.set_distilled_training(True)  # DeiT-distilled: training forward returns (cls, dist) logits
         return model
