@@ -282,3 +282,103 @@ def test_mae_config_errors_name_the_field():
         parse_config({"train": {"task": "segmentation", "linear_probe": True}})
     cfg = parse_config({"train": {"task": "mae"}})
     assert (cfg.cluster.checkpoint_score_metric, cfg.cluster.checkpoint_score_mode) == ("val/recon_loss", "min")
+
+
+# ------------------------------------------------------------------------------------------ end to end (Ray)
+def _flat_digits(root: Path, n: int = 700) -> None:
+    """Real digits as people keep unlabeled photos: one flat folder, mixed sizes, two broken files."""
+    from PIL import Image
+
+    images, _ = digits_images()
+    root.mkdir(parents=True)
+    for i, img in enumerate(images[:n]):
+        s = (8, 16, 24, 32)[i % 4]
+        (root / f"scan_{i:04d}.png").write_bytes(encode(Image.fromarray(img, "L").resize((s, s), Image.NEAREST)))
+    (root / "scan_broken.png").write_bytes(encode(Image.fromarray(images[0], "L"))[:40])
+    (root / "notes.txt").write_bytes(b"not an image\n")
+
+
+@pytest.mark.slow
+def test_mae_pretrains_on_unlabeled_images_resumes_after_a_kill_and_its_encoder_embeds_and_probes(
+        ray_cluster, digits, tmp_path, monkeypatch):
+    """Pack a flat folder -> MAE on Ray Train + DeepSpeed ZeRO-2 (2 workers), a worker killed at step 5 and the run
+    resumed from the step-4 checkpoint -> reconstruction loss falls, pictures every epoch, the encoder registered
+    as a backbone -> `vitray embed` of the labelled digits through the registry (exactly once) -> a linear probe
+    of the registered encoder (frozen parameters under ZeRO-2)."""
+    import yaml
+
+    from recipes import make_cfg, read_log
+    from vitray.batch import score
+    from vitray.batch.inputs import InputError
+    from vitray.config import parse_config
+    from vitray.data.pack import pack
+    from vitray.tracking import default_tracking_uri
+    from vitray.tracking.uris import client_for
+    from vitray.train import run_training
+
+    _flat_digits(tmp_path / "scans")
+    m = pack(str(tmp_path / "scans"), str(tmp_path / "shards"), "imagefolder", val_fraction=0.15, progress=False)
+    assert m.task == "mae" and len(m.skipped) == 2
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/configs/mae_digits_vit_pico.yaml").read_text())
+    recipe["data"].update({"path": str(tmp_path / "shards"), "batch_size": 64})
+    recipe["train"].update({"epochs": 4, "warmup_epochs": 1, "log_every_steps": 1, "checkpoint_every_steps": 4})
+    recipe["cluster"].update({"storage_path": str(tmp_path / "runs"), "max_failures": 1})
+    recipe["tracking"].update({"flush_interval_s": 1.0})
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("VITRAY_TEST_KILL_AT_STEP", "5")
+    monkeypatch.setenv("VITRAY_TEST_KILL_MARKER", str(marker))
+    result = run_training(parse_config(recipe))
+    monkeypatch.delenv("VITRAY_TEST_KILL_AT_STEP")
+    assert marker.read_text() == "5"
+    steps = m.counts["train"] // 128
+    assert result.metrics["step"] == 4 * steps
+    log = read_log(result.run_dir)
+    resumed = [i for i, r in enumerate(log) if r.get("event") == "resumed"]
+    assert len(resumed) == 1 and log[resumed[0]]["step"] == 4
+    assert [r["step"] for r in log[resumed[0] + 1:] if "train/loss" in r] == list(range(5, 4 * steps + 1))
+
+    client = client_for(default_tracking_uri())
+    run = client.get_run(result.mlflow_run_id)
+    recon = [h.value for h in sorted(client.get_metric_history(run.info.run_id, "val/recon_loss"), key=lambda h: h.step)]
+    assert len(recon) >= 4 and recon[-1] < 0.9 * recon[0], recon  # reconstruction loss falls
+    pictures = {a.path for a in client.list_artifacts(run.info.run_id, "pictures")}
+    assert "pictures/val_reconstructions.png" in pictures
+    for epoch in (1, 4):
+        assert [a.path for a in client.list_artifacts(run.info.run_id, f"pictures/epoch_{epoch:03d}")] == \
+            [f"pictures/epoch_{epoch:03d}/val_reconstructions.png"]
+    reg = result.registration
+    assert (reg.name, reg.alias) == ("digits-mae", "champion")
+    mv = client.get_model_version("digits-mae", reg.version)
+    assert "a backbone, not a classifier" in mv.description and mv.tags["vitray.task"] == "mae"
+
+    # vitray embed: the registered encoder's embeddings of the labelled digits, each id exactly once
+    out = tmp_path / "embeddings"
+    summary = score("models:/digits-mae@champion", digits, str(out), batch_size=128, outputs="embedding")
+    assert summary.rows == 1797 and summary.error_rows == 0
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out)
+    assert table.num_rows == len(set(table.column("id").to_pylist())) == 1797
+    assert table.schema.field("embedding").type.value_type.bit_width == 32
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert emb.shape == (1797, 96) and np.isfinite(emb).all() and emb.std(axis=0).mean() > 1e-3
+    again = score("models:/digits-mae@champion", digits, str(out), batch_size=128, outputs="embedding")
+    assert again.rows_this_run == 0 and pq.read_table(out).num_rows == 1797  # a rerun adds nothing
+    with pytest.raises(InputError, match="holds `vitray embed` embeddings"):
+        score("models:/digits-mae@champion", digits, str(out))
+
+    # a linear probe of the registered encoder: only the head moves, under ZeRO-2
+    probe = run_training(make_cfg(digits, tmp_path / "probe", model={"checkpoint": "models:/digits-mae@champion",
+                                                                     "global_pool": "avg"},
+                                  train={"epochs": 1, "linear_probe": True, "lr": 3e-2, "weight_decay": 0.0,
+                                         "warmup_epochs": 0},
+                                  tracking={"enabled": True, "registered_model": None}))
+    from safetensors.torch import load_file
+
+    encoder = load_file(str(Path(result.export_dir) / "model.safetensors"))
+    probed = load_file(str(Path(probe.export_dir) / "model.safetensors"))
+    assert {k for k in probed if not k.startswith("head.")} == set(encoder)
+    assert all(torch.equal(probed[k], encoder[k]) for k in encoder)  # the frozen encoder did not move
+    assert probed["head.0.running_mean"].abs().sum() > 0  # the BatchNorm (no affine) gathered its statistics
+    assert probed["head.1.bias"].abs().max() > 1e-3  # the linear head trained (timm starts its bias at zero)
+    assert "val/top1" in probe.metrics and probe.registration is None

@@ -212,7 +212,10 @@ class TrackingConfig(_Section):
     promotion_metric: str = Field("auto", min_length=1, description="auto: the task's primary metric")
     promotion_mode: Literal["auto", "max", "min"] = "auto"
     flush_interval_s: float = Field(10.0, gt=0.0, description="metrics are sent in batches this often (and at the end)")
-    log_images: Literal["end", "epoch", "off"] = Field("end", description="confusion matrix + val prediction grid")
+    log_images: Literal["end", "epoch", "off"] = Field("end", description="the task's pictures (confusion matrix, "
+                                                       "val predictions, reconstructions): at the end; each epoch "
+                                                       "under pictures/epoch_NNN/ (the last under pictures/ too); "
+                                                       "or none")
     image_grid: int = Field(16, ge=1, le=64, description="val images in the prediction grid")
     connect_timeout_s: float = Field(10.0, gt=0.0, description="a server that does not answer in this time fails the "
                                                                "command before training")

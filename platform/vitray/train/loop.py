@@ -295,10 +295,12 @@ class _Worker:
             ray.train.report({**self.last_val, **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     # -------------------------------------------------------------------------------------------- eval
-    def evaluate(self, pictures: bool = False) -> dict[str, float]:
+    def evaluate(self, pictures: bool = False, history: bool = False, last: bool = True) -> dict[str, float]:
         """Val metrics of the trained weights, and with EMA on, of the averaged weights too (``val/top1_ema``...).
         Both passes use the same iterator epoch-wise: the EMA pass reads the val split a second time. With
-        ``pictures``, the task's eval pictures of the last pass (the exported weights) go to MLflow."""
+        ``pictures``, the task's eval pictures of the last pass (the exported weights) go to MLflow; with
+        ``history`` (``tracking.log_images: epoch``) each epoch's under ``pictures/epoch_NNN/``, the ``last``
+        epoch's under ``pictures/`` too."""
         keep = self.cfg.tracking.image_grid if pictures and self.tracking else 0
         metrics = self._evaluate_pass(keep)
         if metrics and self.ema is not None:
@@ -312,11 +314,14 @@ class _Worker:
             t0 = time.perf_counter()
             drawn = self._last_metric.pictures(self.is_rank0)
             for name, image in drawn.items():
-                if self.logger is not None:
-                    if name.endswith(".json"):
-                        self.logger.log_text(image, name)
+                folder, _, base = name.rpartition("/")
+                names = [f"{folder}/epoch_{self.epoch + 1:03d}/{base}"] + ([name] if last else []) if history \
+                    else [name]
+                for path in names if self.logger is not None else []:
+                    if path.endswith(".json"):
+                        self.logger.log_text(image, path)
                     else:
-                        self.logger.log_image(image, name)
+                        self.logger.log_image(image, path)
             if self.logger is not None:
                 self.logger.caller_seconds += time.perf_counter() - t0
         self.last_val = {k: v for k, v in metrics.items() if k.startswith("val/")}
@@ -437,7 +442,8 @@ class _Worker:
             self.skipped_total += int(_all_reduce([epoch_skipped], self.device)[0])
             last = self.epoch + 1 >= plan.epochs or self.global_step >= plan.total_steps
             mode = cfg.tracking.log_images
-            val = self.evaluate(pictures=mode == "epoch" or (mode == "end" and last))
+            val = self.evaluate(pictures=mode == "epoch" or (mode == "end" and last), history=mode == "epoch",
+                                last=last)
             t_eval = time.perf_counter()
             metrics = {"epoch": self.epoch, "step": self.global_step, "train/skipped_images": self.skipped_total, **val}
             self.log_line({"event": "epoch_end", **metrics})
