@@ -193,6 +193,21 @@ def test_a_classifier_from_the_encoder_gives_identical_features(mae_export, prob
         assert "blocks.0.attn.qkv.weight" in trainable and model.head.weight.shape == (10, 96)
 
 
+def test_the_encoder_fine_tunes_at_another_input_size_with_resampled_positions(mae_export):
+    from vitray.config import parse_config
+    from vitray.models.export import load_export
+    from vitray.train.tasks import build_task
+
+    folder, _ = mae_export
+    encoder, _ = load_export(folder)
+    cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": 10, "img_size": 48,
+                                  "global_pool": "avg", "checkpoint": folder}})
+    model = build_task(cfg, [str(i) for i in range(10)]).build_model()
+    assert model.pos_embed.shape == (1, 1 + 12 * 12, 96)  # timm's filter resampled the 8x8 grid to 12x12
+    own = encoder.state_dict()
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items() if k in own and k != "pos_embed")
+
+
 def test_a_linear_probe_exports_and_reloads_with_its_head(tmp_path, mae_export):
     from vitray.config import parse_config
     from vitray.models.export import load_export
@@ -282,6 +297,23 @@ def test_mae_config_errors_name_the_field():
         parse_config({"train": {"task": "segmentation", "linear_probe": True}})
     cfg = parse_config({"train": {"task": "mae"}})
     assert (cfg.cluster.checkpoint_score_metric, cfg.cluster.checkpoint_score_mode) == ("val/recon_loss", "min")
+
+
+def test_vitray_embed_command_usage(tmp_path, capsys, mae_export):
+    """`vitray embed` is score's job with embeddings: the same arguments (no --top-k), the same usage errors (exit 2,
+    one line naming the command, before Ray starts)."""
+    from vitray.cli import main
+
+    folder, _ = mae_export
+    with pytest.raises(SystemExit) as err:
+        main(["embed", "--help"])
+    assert err.value.code == 0 and "--top-k" not in capsys.readouterr().out
+    assert main(["embed", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert "embed: --model required" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["embed", "--model", folder, "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nothing to score" in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ end to end (Ray)

@@ -329,7 +329,8 @@ def cmd_score(args) -> int:
         cfg.tracking.uri = args.tracking_uri
     missing = [f"--{k}" for k in ("model", "input", "output") if not getattr(sc, k)]
     if missing:
-        raise UsageError(f"score: {', '.join(missing)} required (or score.{missing[0][2:]} in the config)")
+        command = "embed" if getattr(args, "outputs", "task") == "embedding" else "score"
+        raise UsageError(f"{command}: {', '.join(missing)} required (or score.{missing[0][2:]} in the config)")
     from vitray.batch import score
 
     score(sc.model, sc.input, sc.output, batch_size=sc.batch_size, concurrency=sc.concurrency, use_gpu=sc.use_gpu,
