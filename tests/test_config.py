@@ -31,7 +31,7 @@ BAD_CONFIGS = {
     "bad_override": ("{}\n", ["train.lr=-1"], "train.lr"),
     "override_unknown_key": ("{}\n", ["train.epochz=3"], "train.epochz"),
     "serve_batch_cap": ("serve:\n  max_batch_size: 32\n  max_ongoing_requests: 5\n", [], "max_ongoing_requests"),
-    "serve_task_unknown": ("serve:\n  models: [{name: d, uri: models:/d@champion, task: mae}]\n", [],
+    "serve_task_unknown": ("serve:\n  models: [{name: d, uri: models:/d@champion, task: captioning}]\n", [],
                                 "serve.models.0"),
     "serve_duplicate_names": ("serve:\n  models: [{name: d, uri: /a}, {name: d, uri: /b}]\n", [], "unique"),
 }
