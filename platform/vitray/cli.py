@@ -197,7 +197,7 @@ def cmd_data_pack(args) -> int:
     total = sum(m.counts.values())
     splits = ", ".join(f"{s} {n:,}" for s, n in m.counts.items())
     console.say(f"[vitray] packed {total:,} images ({splits}) into {len(m.shards)} shards in {args.out} "
-                f"[{m.task}, {m.num_classes} classes] in {m.source['seconds']:.1f}s")
+                f"[{m.task}, {f'{m.num_classes} classes' if m.class_names else 'unlabeled'}] in {m.source['seconds']:.1f}s")
     console.say(f"[vitray] skipped {len(m.skipped)} file(s)"
                 + (" (vitray data inspect lists them with reasons)" if m.skipped else ""))
     with console.log_to(Path(args.out) / LOG_DIR / f"pack-{__import__('time').strftime('%Y%m%d-%H%M%S')}.log") as log:

@@ -13,7 +13,8 @@ __all__ = ["summarize", "verify"]
 
 def summarize(folder: str) -> str:
     m = Manifest.read(folder)
-    lines = [f"{Path(folder).expanduser()}: task {m.task}, {m.num_classes} classes, format v{m.format_version}, "
+    classes = f"{m.num_classes} classes" if m.class_names else "unlabeled"
+    lines = [f"{Path(folder).expanduser()}: task {m.task}, {classes}, format v{m.format_version}, "
              f"source {m.source.get('format')} {m.source.get('path', '')}"]
     total_bytes = sum(s.bytes for s in m.shards)
     lines.append(f"images: {sum(m.counts.values()):,} in {len(m.shards)} shards, {total_bytes / 2**20:,.1f} MiB")
