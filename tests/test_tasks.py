@@ -240,8 +240,10 @@ def every_task(tmp_path_factory, ray_cluster):
         reg = log_and_register(export, TrackingConfig(uri=tracking_uri, registered_model=f"m-{task}"))
         out[task] = {"export": export, "val": val, "registered": reg}
     port = _free_port()
-    cfg = parse_config({"tracking": {"uri": tracking_uri}, "serve": {"port": port, "precision": "fp32", "models": [
-        {"name": f"m-{t}", "uri": f"models:/m-{t}@champion"} for t in TASKED]}})
+    # one replica per task on the session's 4-CPU Ray: half a CPU each leaves room for the ingress and the rest
+    cfg = parse_config({"tracking": {"uri": tracking_uri}, "serve": {
+        "port": port, "precision": "fp32", "cpus_per_replica": 0.5,
+        "models": [{"name": f"m-{t}", "uri": f"models:/m-{t}@champion"} for t in TASKED]}})
     app.deploy(cfg)
     yield {"tasks": out, "url": f"http://127.0.0.1:{port}", "tracking_uri": tracking_uri}
     serve.shutdown()
