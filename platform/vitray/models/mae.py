@@ -16,7 +16,6 @@ detectors, and ``vitray embed``'s feature extractor.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .backbone_hooks import BackboneHooks
