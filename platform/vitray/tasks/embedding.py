@@ -1,8 +1,8 @@
 """Embeddings: the pooled features of a model's ViT encoder, for retrieval, clustering and probing.
 
 Any export has them: a classifier's pre-logits features (after pooling and the final norm, before the head), a
-segmenter's or detector's backbone pooled the same way, an MAE encoder's own output. :class:`Embedder` wraps a model
-to return them (:func:`embedder`); :class:`EmbeddingHead` is the inference head that turns them into answers:
+segmenter's or detector's backbone pooled the same way, an MAE encoder's own output. :func:`embedder` wraps a model to
+return them; :class:`EmbeddingHead` is the inference head that turns them into answers:
 
 * HTTP (the ``mae`` task's ``POST /v1/embed``): ``{model, version, alias, dim, embedding}``;
 * MLflow pyfunc: one row per image, ``embedding`` (float32 array);
@@ -39,8 +39,8 @@ def _encoder(model):
 
 
 def embedder(model):
-    """``model`` -> a module (torch imported here: this module stays importable without it) whose forward gives (N, D) pooled encoder features (a timm ViT without classifier, or
-    the ``backbone`` of a segmenter/detector, is used as it is)."""
+    """``model`` -> a module whose forward gives (N, D) pooled encoder features: a timm ViT's, or the ``backbone``'s
+    of a segmenter/detector (torch is imported here, so this module imports without it)."""
     import torch
     from torch import nn
 
