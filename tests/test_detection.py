@@ -331,23 +331,36 @@ def test_served_boxes_equal_pyfunc_boxes_equal_scored_boxes(det):
     assert found >= len(ids)  # the val scenes hold 1-3 digits each
 
 
-def _agree(small: dict, big: dict, scale_x: float, scale_y: float) -> int:
-    """Every confident box of ``small`` has a box of the same class in ``big`` within a pixel, after scaling."""
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return float(w * h / union) if union > 0 else 0.0
+
+
+def _agree(small: dict, big: dict, scale_x: float, scale_y: float) -> tuple[list[float], int]:
+    """(gaps, missed): a confident box of ``small`` is matched by the same-class box of ``big`` that overlaps it most
+    after scaling (IoU >= 0.5); a gap is the largest coordinate difference of a matched pair, in ``small``'s pixels.
+    The resampled image is not the same input to the model, so a borderline object may drop below the score cut in
+    one of the two (a miss) and a weak box may move a pixel or two; a wrong mapping (scale, offset, letterbox) moves
+    every box, by many pixels, or leaves nothing matched."""
     scale = np.array([scale_x, scale_y, scale_x, scale_y])
-    others = _boxes(big, 0.2)
-    n = 0
+    others = [(k, b / scale) for k, _, b in _boxes(big, 0.2)]
+    gaps, missed = [], 0
     for c, _, box in _boxes(small, 0.4):
-        gaps = [np.abs(b / scale - box).max() for k, _, b in others if k == c]
-        assert gaps and min(gaps) <= 1.0, (c, box, others)
-        n += 1
-    return n
+        best = max((b for k, b in others if k == c), key=lambda b: _iou(b, box), default=None)
+        if best is None or _iou(best, box) < 0.5:
+            missed += 1
+        else:
+            gaps.append(float(np.abs(best - box).max()))
+    return gaps, missed
 
 
 @pytest.mark.slow
 def test_boxes_of_an_image_and_of_it_resized_2x_agree_square_or_letterboxed(det):
     result, url = det
     _, images = _val(result, 12)
-    checked = 0
+    gaps, missed = [], 0
     for image in images:
         pic = Image.open(io.BytesIO(image)).convert("RGB")
         for base in (pic, Image.new("RGB", (96, 64), (20, 20, 20))):  # the scene, and letterboxed into 96 x 64
@@ -359,8 +372,11 @@ def test_boxes_of_an_image_and_of_it_resized_2x_agree_square_or_letterboxed(det)
             assert one["image"] == {"width": w, "height": h} and two["image"] == {"width": 2 * w, "height": 2 * h}
             for _, _, b in _boxes(one):
                 assert 0 <= b[0] <= b[2] <= w and 0 <= b[1] <= b[3] <= h
-            checked += _agree(one, two, 2.0, 2.0)
-    assert checked >= 12
+            g, x = _agree(one, two, 2.0, 2.0)
+            gaps, missed = gaps + g, missed + x
+    assert len(gaps) >= 12 and missed <= max(2, len(gaps) // 10), (len(gaps), missed)
+    within = float(np.mean(np.array(gaps) <= 1.0))
+    assert np.median(gaps) <= 0.5 and within >= 0.9, (within, [round(g, 2) for g in sorted(gaps)])
 
 
 @pytest.mark.slow
