@@ -67,6 +67,25 @@ def cmd_models_zoo(args) -> int:
     return 0
 
 
+def _with_flags(section, name: str, flags: dict):
+    """``section`` with the command-line flags that were given (not None) over it, validated as a whole (a runtime
+    and a precision given together are checked together); a bad combination is a usage error naming the fields."""
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return section
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"])
+            prefix = f"{name}.{where}: " if where else f"{name}: "
+            parts.append(prefix + e["msg"].removeprefix("Value error, "))
+        raise UsageError("; ".join(parts)) from None
+
+
 def _tracking_cfg(args, base: dict | None = None):
     """The ``tracking`` section: the export's own (its config.yaml) as the base, command-line flags over it; an
     explicit $MLFLOW_TRACKING_URI wins over the URI recorded in the export."""
@@ -184,6 +203,21 @@ def cmd_models_register(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from vitray.export_format import ExportError
+    from vitray.onnx_export import DEFAULT_OPSET, export_onnx
+    from vitray.tracking.uris import ModelUriError
+
+    try:
+        result = export_onnx(args.model, args.output, int8=args.int8, opset=args.opset or DEFAULT_OPSET,
+                             tracking_uri=args.tracking_uri,
+                             register=not args.no_register, overwrite=args.overwrite)
+    except (ExportError, ModelUriError, FileExistsError) as err:
+        raise UsageError(str(err)) from None
+    print(result.line())
+    return 0
+
+
 def cmd_data_pack(args) -> int:
     from vitray.data.pack import pack
 
@@ -270,9 +304,7 @@ def _serve_args(args):
         from vitray.serve.app import model_from_uri
 
         cfg.serve.models = [model_from_uri(args.model, args.name)]
-    for key in ("host", "port", "precision"):
-        if getattr(args, key) is not None:
-            setattr(cfg.serve, key, getattr(args, key))
+    cfg.serve = _with_flags(cfg.serve, "serve", {k: getattr(args, k) for k in ("host", "port", "runtime", "precision")})
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri
     if not cfg.serve.models:
@@ -317,14 +349,10 @@ def cmd_score(args) -> int:
     from vitray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    sc = cfg.score
-    for key in ("model", "input", "output", "batch_size", "concurrency", "precision", "top_k", "format",
-                "image_column", "files_per_unit", "cpus_per_actor"):
-        value = getattr(args, key)
-        if value is not None:
-            setattr(sc, key, value)
-    if args.use_gpu:
-        sc.use_gpu = True
+    cfg.score = sc = _with_flags(cfg.score, "score", {
+        **{k: getattr(args, k) for k in ("model", "input", "output", "batch_size", "concurrency", "runtime", "precision",
+                                         "top_k", "format", "image_column", "files_per_unit", "cpus_per_actor")},
+        "use_gpu": True if args.use_gpu else None})
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri
     missing = [f"--{k}" for k in ("model", "input", "output") if not getattr(sc, k)]
@@ -338,7 +366,7 @@ def cmd_score(args) -> int:
           files_per_unit=sc.files_per_unit, cpus_per_actor=sc.cpus_per_actor, max_pixels=sc.max_pixels,
           tracking_cfg=cfg.tracking, overwrite=args.overwrite, address=args.address or cfg.cluster.address,
           resource_wait_s=cfg.cluster.resource_wait_s, stall_timeout_s=sc.stall_timeout_s,
-          outputs=getattr(args, "outputs", "task"))
+          outputs=getattr(args, "outputs", "task"), runtime=sc.runtime)
     return 0
 
 
@@ -363,7 +391,10 @@ def score_parser(sub, command: str, captured) -> None:
     p.add_argument("--files-per-unit", dest="files_per_unit", type=int, default=None,
                    help="image folders: files per output part (default 1024)")
     p.add_argument("--use-gpu", dest="use_gpu", action="store_true", help="one GPU per predictor actor")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    p.add_argument("--runtime", choices=["torch", "onnx"], default=None,
+                   help="torch (default), or onnx: the model's ONNX export (`vitray export --format onnx`) on CPU")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                   help="auto, fp32, bf16 (torch); auto = fp32 or int8 (onnx)")
     if not embed:
         p.add_argument("--top-k", dest="top_k", type=int, default=None, help="classes kept per image (default 5)")
     p.add_argument("--overwrite", action="store_true", help="discard what the output folder holds and start again")
@@ -604,7 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="with --model: its name in the API (default: the registered name)")
     p.add_argument("--host", default=None, help="bind address (default serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port, 8000)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None)
+    p.add_argument("--runtime", choices=["torch", "onnx"], default=None,
+                   help="torch (default), or onnx: the model's ONNX export on ONNX Runtime's CPU provider")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                   help="auto, fp32, bf16 (torch); auto = fp32 or int8 (onnx)")
     p.add_argument("--address", default=None, help="Ray cluster: 'auto' or ray://HOST:10001 (run: default a local "
                                                     "Ray; reload: default auto)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow registry (default: tracking.uri, "
@@ -618,6 +652,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in ("score", "embed"):
         score_parser(sub, command, captured)
+
+    p = sub.add_parser("export", help="a model for ONNX Runtime (fp32, and int8 with --int8), checked against "
+                                      "PyTorch; a registered version gets it attached")
+    p.add_argument("model", metavar="MODEL_URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... or an "
+                                                      "export folder")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the only format so far: onnx")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (linear layers dynamically "
+                                                       "quantized to int8)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace what DIR holds")
+    p.add_argument("--no-register", dest="no_register", action="store_true",
+                   help="a registry URI: do not attach the ONNX export to the version")
+    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow registry (default: "
+                   "$MLFLOW_TRACKING_URI, else the embedded sqlite store)")
+    p.set_defaults(func=cmd_export, opset=None)
+    captured(p, "export")
 
     def cluster_args(p):
         p.add_argument("--address", default=None, help="the job server, http://HEAD:8265 (default $RAY_ADDRESS, "

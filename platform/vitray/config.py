@@ -292,8 +292,12 @@ class ServeConfig(_Section):
     target_ongoing_requests: float = Field(16.0, gt=0.0, description="autoscaling target per replica")
     cpus_per_replica: float = Field(1.0, gt=0.0)
     gpus_per_replica: float = Field(0.0, ge=0.0)
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 where the hardware has it natively (GPU, CPU with AMX/AVX512-BF16), else fp32")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch", description="torch: the export's weights (CPU or GPU, bf16); onnx: its ONNX export (`vitray export "
+                             "--format onnx`) on ONNX Runtime's CPU provider, no torch needed at run time")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="auto: bf16 where the hardware has it natively (GPU, CPU with AMX/AVX512-BF16), else fp32 "
+                            "(onnx: fp32); int8: the ONNX export's int8 graph (runtime onnx)")
     colocate: bool = Field(True, description="one model: run it inside the ingress replica (no hop between "
                                              "replicas per request); several models: one deployment each")
     decode: Literal["replica", "ingress"] = Field(
@@ -321,6 +325,7 @@ class ServeConfig(_Section):
             raise ValueError(f"models: names must be unique, got {names}")
         if self.auth_token_env and self.auth_token_file:
             raise ValueError("set auth_token_env or auth_token_file, not both")
+        _check_runtime(self.runtime, self.precision, self.gpus_per_replica > 0, "gpus_per_replica > 0")
         return self
 
 
@@ -338,12 +343,31 @@ class ScoreConfig(_Section):
     concurrency: int = Field(1, gt=0, description="predictor actors (each loads the model once)")
     cpus_per_actor: float = Field(1.0, gt=0.0)
     use_gpu: bool = Field(False, description="one GPU per predictor actor")
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    runtime: Literal["torch", "onnx"] = Field("torch", description="torch, or onnx: the model's ONNX export on ONNX "
+                                                                    "Runtime's CPU provider (as serve.runtime)")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="as serve.precision: int8 is the ONNX export's int8 graph (runtime onnx)")
     top_k: int = Field(5, gt=0)
     files_per_unit: int = Field(1024, gt=0, description="image folders: files per output part")
     max_pixels: int = Field(MAX_PIXELS, gt=0, description="larger images become error rows (decompression bombs)")
     stall_timeout_s: float = Field(300.0, ge=0.0, description="no prediction batch for this long fails the job with "
                                                               "Ray's pending demands; 0 disables")
+
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        _check_runtime(self.runtime, self.precision, self.use_gpu, "use_gpu")
+        return self
+
+
+def _check_runtime(runtime: str, precision: str, gpu: bool, gpu_field: str) -> None:
+    """What each runtime has: torch runs fp32/bf16 on CPU or GPU; onnx runs its fp32 or int8 graph on CPU."""
+    if runtime == "onnx" and precision == "bf16":
+        raise ValueError("precision bf16 needs runtime torch (the onnx runtime has fp32 and int8 graphs)")
+    if runtime == "torch" and precision == "int8":
+        raise ValueError("precision int8 needs runtime onnx (the int8 graph of `vitray export --format onnx --int8`)")
+    if runtime == "onnx" and gpu:
+        raise ValueError(f"runtime onnx runs on ONNX Runtime's CPU provider: unset {gpu_field} or use runtime torch")
 
 
 # ---------------------------------------------------------------------------------------------- kubernetes

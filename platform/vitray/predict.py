@@ -5,22 +5,30 @@ The one preprocessing path for everything that is not training: the MLflow pyfun
 scoring wrap a :class:`Predictor`. What is task-specific (how an image becomes the model's input and its geometry,
 how outputs map back onto the original image) is the task's inference head (``vitray.tasks.<task>.infer``), found by
 the task name in the export. Needs ``vitray.models`` and ``vitray.data`` decode/transforms only (no Ray, no
-DeepSpeed).
+DeepSpeed). The model runs on one of two runtimes: PyTorch (an export's weights, any device and precision), or ONNX
+Runtime on CPU (an ONNX export, :mod:`vitray.onnx_runtime`): then torch is never imported, and the task's head gets
+numpy outputs (a head that post-processes with torch, ``numpy_outputs = False``, gets them as a CPU tensor).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from vitray.config import MAX_PIXELS
 from vitray.data.decode import DecodeError, decode_image
 
-__all__ = ["Predictor", "prepare", "normalise", "decode_item", "evaluate_export", "export_metrics", "InputError", "resolve_precision",
-           "head_of"]
+__all__ = ["Predictor", "prepare", "normalise", "normalise_numpy", "decode_item", "evaluate_export", "export_metrics",
+           "InputError", "resolve_precision", "head_of", "RUNTIMES"]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("fp32", "bf16", "fp16")  # torch dtypes by name
+RUNTIMES = ("torch", "onnx")
+
+
+def _dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -31,13 +39,20 @@ def _cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+def resolve_precision(precision: str, device="cpu", runtime: str = "torch") -> str:
     """``auto`` -> ``bf16`` where the hardware computes in bf16 natively (a CUDA GPU with bf16, a CPU with AMX or
-    AVX512-BF16: about 3.5x fp32 for a ViT on these), else ``fp32`` (bf16 emulated on an older CPU is slower)."""
+    AVX512-BF16: about 3.5x fp32 for a ViT on these), else ``fp32`` (bf16 emulated on an older CPU is slower).
+    The onnx runtime has fp32 (``auto``) and int8 graphs."""
+    if runtime == "onnx":
+        from vitray.onnx_runtime import onnx_precision
+
+        return onnx_precision(precision)
     if precision != "auto":
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16 with the torch runtime, got {precision!r}")
         return precision
+    import torch
+
     dev = torch.device(device)
     if dev.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"  # Ampere or newer
@@ -46,6 +61,12 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str
 
 class InputError(ValueError):
     """An input the caller must fix (undecodable bytes, wrong array shape): the message names the item."""
+
+
+def _is_embedding(head) -> bool:
+    from vitray.tasks.embedding import EmbeddingHead
+
+    return isinstance(head, EmbeddingHead)
 
 
 def decode_item(item, max_pixels: int | None) -> np.ndarray:
@@ -80,10 +101,21 @@ def prepare(item, meta: dict, max_pixels: int | None = None) -> tuple[np.ndarray
     return head_of(meta).prepare(rgb, meta), rgb.shape[:2]
 
 
-def normalise(crops: list[np.ndarray] | np.ndarray, meta: dict, device: str | torch.device | None = None) -> torch.Tensor:
+def normalise_numpy(crops: list[np.ndarray] | np.ndarray, meta: dict) -> np.ndarray:
+    """:func:`normalise` in numpy (the onnx runtime): uint8 (N, 3, S, S) -> float32 (x - mean) / std."""
+    pre = meta["preprocessing"]
+    x = np.stack(crops) if isinstance(crops, list) else np.asarray(crops)
+    mean = np.asarray(pre["mean"], np.float32).reshape(1, 3, 1, 1) * 255
+    std = np.asarray(pre["std"], np.float32).reshape(1, 3, 1, 1) * 255
+    return (x.astype(np.float32) - mean) / std
+
+
+def normalise(crops: list[np.ndarray] | np.ndarray, meta: dict, device=None):
     """uint8 (N, 3, S, S) crops -> the normalised float batch (the cheap, batched half of preprocessing). With a
     ``device``, the uint8 batch moves there first and is normalised there: a quarter of the bytes over PCIe and no
     float32 pass on the host CPU, which would otherwise starve a GPU."""
+    import torch
+
     pre = meta["preprocessing"]
     x = torch.from_numpy(np.ascontiguousarray(np.stack(crops) if isinstance(crops, list) else crops))
     if device is not None:
@@ -98,28 +130,50 @@ class Predictor:
     """An exported model ready for inference. ``predict(images)`` -> one answer per image (the task head's: class
     probabilities, a class-index mask at the original size, ...); ``frame(images)`` the MLflow pyfunc's DataFrame."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: str | torch.device = "cpu",
-                 precision: str = "fp32", max_pixels: int | None = MAX_PIXELS, outputs: str = "task"):
-        """``outputs``: ``task``, the answers of the export's task; ``embedding``, the pooled features of its ViT
-        encoder (``vitray embed``; :mod:`vitray.tasks.embedding`)."""
-        self.device = torch.device(device)
+    def __init__(self, model, meta: dict, device="cpu", precision: str = "fp32", max_pixels: int | None = MAX_PIXELS,
+                 outputs: str = "task"):
+        """``model``: a torch module, or an :class:`vitray.onnx_runtime.OnnxModel` (runs on CPU, in the precision
+        of its graph). ``outputs``: ``task``, the answers of the export's task; ``embedding``, the pooled features of
+        its ViT encoder (``vitray embed``; :mod:`vitray.tasks.embedding`)."""
         self.meta = meta
         self.head = head_of(meta)
+        self.runtime = getattr(model, "runtime", "torch")
         if outputs == "embedding":
             from vitray.tasks.embedding import embedder, embedding_head_of
 
-            model, self.head = embedder(model), embedding_head_of(self.head)
+            if self.runtime != "torch" and not _is_embedding(self.head):
+                raise InputError(f"embeddings of a {meta['task']} model need the torch runtime (its ONNX graph ends "
+                                 "at the task's outputs)")
+            if self.runtime == "torch":
+                model = embedder(model)
+            self.head = embedding_head_of(self.head)
         elif outputs != "task":
             raise ValueError(f"outputs must be 'task' or 'embedding', got {outputs!r}")
-        self.model = model.to(self.device).eval()
+        if self.runtime == "torch":
+            import torch
+
+            self.device = torch.device(device)
+            self.model = model.to(self.device).eval()
+            self.precision = resolve_precision(precision, self.device)
+            self.dtype = _dtype(self.precision)
+        else:
+            self.device, self.model, self.precision, self.dtype = "cpu", model, model.precision, None
         self.task = meta["task"]
         self.class_names = list(meta.get("class_names") or [])
-        self.precision = resolve_precision(precision, self.device)
-        self.dtype = PRECISIONS[self.precision]
         self.max_pixels = max_pixels
 
     @classmethod
-    def from_export(cls, folder: str | Path, **kw) -> "Predictor":
+    def from_export(cls, folder: str | Path, runtime: str = "torch", threads: int | None = None, **kw) -> "Predictor":
+        """The export in ``folder`` on ``runtime``: ``torch`` (its weights) or ``onnx`` (its ONNX graph; ``threads``
+        are ONNX Runtime's)."""
+        if runtime == "onnx":
+            from vitray.onnx_runtime import OnnxModel
+
+            kw.pop("device", None)
+            model = OnnxModel(folder, kw.pop("precision", "auto"), threads=threads)
+            return cls(model, model.meta, **kw)
+        if runtime != "torch":
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         from vitray.models.export import load_export
 
         model, meta = load_export(folder)
@@ -148,23 +202,39 @@ class Predictor:
             sizes.append(size)
         return crops, sizes
 
-    @torch.no_grad()
-    def forward(self, crops) -> torch.Tensor:
-        """uint8 crops from :meth:`prepare` (or an already normalised float batch) -> the model's float32 outputs,
-        on the model's device."""
-        if isinstance(crops, torch.Tensor) and crops.is_floating_point():
-            x = crops.to(self.device)
-        else:
-            x = normalise(crops.numpy() if isinstance(crops, torch.Tensor) else crops, self.meta, self.device)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.model(x).float()
+    def forward(self, crops):
+        """uint8 crops from :meth:`prepare` (or an already normalised float batch) -> the model's float32 outputs:
+        a tensor on the model's device (torch runtime), a numpy array (onnx runtime)."""
+        if self.runtime != "torch":
+            x = np.asarray(crops)
+            return self.model(x if x.dtype.kind == "f" else normalise_numpy(x, self.meta))
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            if isinstance(crops, torch.Tensor) and crops.is_floating_point():
+                x = crops.to(self.device)
+            else:
+                x = normalise(crops.numpy() if isinstance(crops, torch.Tensor) else crops, self.meta, self.device)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                return self.model(x).float()
+
+    def _postprocess(self, outputs, sizes):
+        if isinstance(outputs, np.ndarray) and not getattr(self.head, "numpy_outputs", False):
+            import torch  # a head that post-processes with torch (resize, NMS): a CPU tensor of the ONNX outputs
+
+            outputs = torch.from_numpy(outputs)
+        if self.runtime == "torch":
+            import torch
+
+            with torch.no_grad():
+                return self.head.postprocess(outputs, sizes, self.meta)
+        return self.head.postprocess(outputs, sizes, self.meta)
+
     def predict_crops(self, crops, sizes: list[tuple[int, int]]) -> list:
         """Prepared crops and their images' original (height, width) -> one answer per image."""
         if not len(sizes):
             return []
-        return self.head.postprocess(self.forward(crops), sizes, self.meta)
+        return self._postprocess(self.forward(crops), sizes)
 
     def predict(self, images: list) -> list:
         crops, sizes = self.prepare_all(images)
@@ -181,7 +251,7 @@ class Predictor:
         return np.stack(results) if len(results) else np.zeros((0, len(self.class_names)), dtype=np.float32)
 
     def probabilities_of_crops(self, crops) -> np.ndarray:
-        return np.asarray(self.head.postprocess(self.forward(crops), None, self.meta))
+        return np.asarray(self._postprocess(self.forward(crops), None))
 
     def label_name(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
@@ -195,12 +265,13 @@ def evaluate_export(model, meta: dict, shards: str, split: str = "val", batch_si
     return metrics[get_task(meta["task"]).primary_metric], n
 
 
-@torch.no_grad()
 def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_size: int = 256) -> tuple[dict, int]:
     """The val metrics of an exported model over one split of packed shards, in one process, no Ray: rows decoded
     by the val pipeline's own function, outputs scored by the task's training metric (``val/top1``, ``val/miou``,
-    ...). Returns (metrics, images)."""
+    ...). ``model``: a torch module or an ONNX graph (:class:`vitray.onnx_runtime.OnnxModel`). Returns (metrics,
+    images)."""
     import pyarrow.parquet as pq
+    import torch
 
     from vitray.config import RunConfig, parse_config
     from vitray.data.formats import Manifest
@@ -231,7 +302,8 @@ def export_metrics(model, meta: dict, shards: str, split: str = "val", batch_siz
                                  max_boxes=EVAL_MAX_BOXES, interpolation=pre["interpolation"])
             ok = batch.pop("ok")
             batch = {k: torch.from_numpy(v[ok]) for k, v in batch.items()}
-            metric.update(predictor.forward(batch["image"].numpy()), batch)
+            with torch.no_grad():
+                metric.update(torch.as_tensor(predictor.forward(batch["image"].numpy())), batch)
             n += int(ok.sum())
     metric.sync(lambda t: t, lambda obj: [obj])
     return metric.compute(), n

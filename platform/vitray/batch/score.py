@@ -56,10 +56,12 @@ class ScoreSummary:
     input_format: str
     input_fingerprint: str
     mlflow_run_id: str | None = None
+    runtime: str = "torch"
 
     def line(self) -> str:
+        how = self.precision if self.runtime == "torch" else f"{self.runtime} {self.precision}"
         return (f"[vitray] scored {self.rows_this_run:,} images in {self.seconds:.1f}s ({self.images_per_s:.1f} img/s, "
-                f"{self.precision}); output {self.rows:,} rows, {self.error_rows:,} error rows, {self.units} units "
+                f"{how}); output {self.rows:,} rows, {self.error_rows:,} error rows, {self.units} units "
                 f"({self.units_skipped} already done) with {self.model_uri} version {self.model_version} -> "
                 f"{self.output}")
 
@@ -108,21 +110,23 @@ class Scorer:
     def __init__(self, model_uri: str, tracking_uri: str | None, precision: str, options: dict, use_gpu: bool):
         import tempfile
 
-        import torch
-
         import ray
-        from vitray.models.export import load_export
         from vitray.predict import Predictor
         from vitray.tracking.uris import resolve_model_uri
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        runtime = options.get("runtime", "torch")  # torch, or onnx (ONNX Runtime on CPU; torch is not imported)
+        threads = max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)))
+        device = "cpu"
+        if runtime == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
+            device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         with tempfile.TemporaryDirectory(prefix="vitray-score-") as tmp:  # weights are in memory once loaded
-            model, meta = load_export(resolve_model_uri(model_uri, tracking_uri, dest=tmp), device=device)
-        # precision auto: resolved on this device; outputs: the task's answers, or embeddings (vitray embed)
-        self.predictor = Predictor(model, meta, device=device, precision=precision,
-                                   outputs=options.get("outputs", "task"))
+            folder = resolve_model_uri(model_uri, tracking_uri, dest=tmp, runtime=runtime)
+            # precision auto: resolved on this device; outputs: the task's answers, or embeddings (vitray embed)
+            self.predictor = Predictor.from_export(folder, runtime=runtime, threads=threads, device=device,
+                                                   precision=precision, outputs=options.get("outputs", "task"))
         self.options = options
 
     def __call__(self, batch: dict) -> dict:
@@ -142,11 +146,14 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = "task") -> dict:
+def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = "task", runtime: str = "torch") -> dict:
     """The job record of this output folder: created on the first run, checked on every rerun."""
     path = out / JOB_FILE
     if path.is_file() and not overwrite:
         job = json.loads(path.read_text())
+        if job.get("runtime", "torch") != runtime:
+            raise InputError(f"output {out} was started on the {job.get('runtime', 'torch')} runtime, not {runtime}: "
+                             "finish it there, or use a new output folder or --overwrite")
         if job.get("outputs", "task") != outputs:
             what = {"task": "`vitray score` answers", "embedding": "`vitray embed` embeddings"}
             raise InputError(f"output {out} holds {what[job.get('outputs', 'task')]}, not {what[outputs]}; use a "
@@ -161,7 +168,7 @@ def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = 
     if overwrite:
         for f in out.glob("part-*.parquet"):
             f.unlink()
-    job = {"input": inp.to_json(), "model": pin, "outputs": outputs, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    job = {"input": inp.to_json(), "model": pin, "outputs": outputs, "runtime": runtime, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(path, job)
     return job
 
@@ -228,14 +235,15 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
           image_column: str | None = None, files_per_unit: int = 1024, cpus_per_actor: float = 1.0,
           max_pixels: int = MAX_PIXELS, tracking_cfg=None, overwrite: bool = False,
           address: str | None = None, resource_wait_s: float = 0.0, stall_timeout_s: float = 300.0,
-          outputs: str = "task") -> ScoreSummary:
+          outputs: str = "task", runtime: str = "torch") -> ScoreSummary:
     """Score ``input_path`` with ``model_uri`` into ``output`` (see the module docstring). Input and model problems
     raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts. ``outputs="embedding"``: the pooled
-    features of the model's encoder instead of its task's answers (``vitray embed``)."""
+    features of the model's encoder instead of its task's answers (``vitray embed``). ``runtime="onnx"``: the model's ONNX
+    export on ONNX Runtime's CPU provider (the same columns)."""
     import tempfile
 
     from vitray.config import TrackingConfig
-    from vitray.models.export import read_export_meta
+    from vitray.export_format import read_export_meta
     from vitray.predict import resolve_precision
     from vitray.tracking.uris import default_tracking_uri, pin_model_uri, resolve_model_uri
 
@@ -247,10 +255,10 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         raise InputError(f"output {output}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     with console.log_to(out / LOG_DIR / f"score-{time.strftime('%Y%m%d-%H%M%S')}.log") as log_path:
-        job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite, outputs)
+        job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite, outputs, runtime)
         pin = job["model"]
         with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
-            folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
+            folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp, runtime=runtime)
             meta, digest = read_export_meta(folder), _export_digest(folder)
         if not pin.get("digest"):  # first run: the weights this output is scored with
             pin["digest"] = digest
@@ -265,12 +273,16 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         except TaskError as err:
             raise InputError(f"model {model_uri}: {err}") from None
         if outputs == "embedding":
-            from vitray.tasks.embedding import embedding_head_of
+            from vitray.tasks.embedding import EmbeddingHead, embedding_head_of
 
+            if runtime == "onnx" and not isinstance(head, EmbeddingHead):
+                raise InputError(f"model {model_uri}: embeddings of a {meta['task']} model need the torch runtime "
+                                 "(its ONNX graph ends at the task's outputs)")
             head = embedding_head_of(head)
-        options = {"top_k": top_k, "outputs": outputs}
+        options = {"top_k": top_k, "outputs": outputs, "runtime": runtime}
         # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
-        device_precision = precision if use_gpu and precision == "auto" else resolve_precision(precision, "cpu")
+        device_precision = (precision if use_gpu and precision == "auto"
+                            else resolve_precision(precision, "cpu", runtime))
         for stale in out.glob(".part-*.tmp"):
             stale.unlink()  # a unit being written when an earlier run died
         done = {f.name[len("part-"):-len(".parquet")] for f in out.glob("part-*.parquet")}
@@ -289,7 +301,8 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         rows, errors = _count_output(out)
         summary = ScoreSummary(str(out), rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
                                round(seconds, 2), round(rows_now / seconds, 2) if rows_now and seconds > 0 else 0.0,
-                               pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint)
+                               pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint,
+                               runtime=runtime)
         if rows != inp.rows:
             raise RuntimeError(f"output {out} has {rows:,} rows for {inp.rows:,} inputs: rerun to finish the missing units")
         print(summary.line(), flush=True)
@@ -420,6 +433,7 @@ def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: i
             "vitray.output": summary.output})
         now = int(time.time() * 1000)
         params = {"model_uri": summary.model_uri, "model_version": summary.model_version, "precision": summary.precision,
+                  "runtime": summary.runtime,
                   "input_format": summary.input_format, "batch_size": batch_size, "concurrency": concurrency,
                   "top_k": top_k}
         metrics = {"score/rows": summary.rows, "score/error_rows": summary.error_rows,

@@ -1,7 +1,8 @@
 """vitray models: timm ViT/DeiT backbones, vitray's small-image configs, task heads, the segmentation ViT.
 
-This package imports no other vitray module (a model is usable on its own), except that ``export.load_export`` asks
-the torch-free task registry (``vitray.tasks``) which task builds an export's architecture."""
+This package imports no other vitray module (a model is usable on its own), except that ``export`` reads the
+torch-free export format (``vitray.export_format``) and asks the torch-free task registry (``vitray.tasks``) which
+task builds an export's architecture."""
 from .checkpoint import CheckpointError, load_weights, read_state_dict
 from .factory import UnknownModelError, create_model, create_model_from_config, feature_maps
 from .heads import ClassificationHead

@@ -14,16 +14,11 @@ from pathlib import Path
 
 import torch
 
+from vitray.export_format import EXPORT_META, EXPORT_VERSION, ExportError, read_export_meta
+
 from .checkpoint import EXPORT_WEIGHTS, read_state_dict
 
 __all__ = ["EXPORT_META", "save_export", "load_export", "read_export_meta", "ExportError"]
-
-EXPORT_META = "vitray_model.json"
-EXPORT_VERSION = 1
-
-
-class ExportError(ValueError):
-    pass
 
 
 def save_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, model: dict, task: str,
@@ -43,22 +38,15 @@ def save_export(folder: str | Path, state_dict: dict[str, torch.Tensor], *, mode
     return folder
 
 
-def read_export_meta(folder: str | Path) -> dict:
-    path = Path(folder).expanduser() / EXPORT_META
-    if not path.is_file():
-        raise ExportError(f"{folder}: not a vitray export folder (no {EXPORT_META})")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != "vitray-model" or meta.get("format_version", 0) > EXPORT_VERSION:
-        raise ExportError(f"{path}: unsupported export format {meta.get('format')} v{meta.get('format_version')}")
-    return meta
-
-
 def load_export(folder: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, meta). The export's task (``vitray.tasks``) builds the architecture; weights must fit
     exactly: an export is never partially loaded."""
     from vitray.tasks import TaskError, get_task  # the torch-free registry: which module builds this task's model
 
     meta = read_export_meta(folder)
+    if meta.get("onnx") and not (Path(folder).expanduser() / EXPORT_WEIGHTS).is_file():
+        raise ExportError(f"{folder}: an ONNX export (no PyTorch weights): serve or score it with the onnx runtime "
+                          "(serve.runtime: onnx, score --runtime onnx)")
     try:
         architecture = get_task(meta["task"], "model").load("model")
     except TaskError as err:

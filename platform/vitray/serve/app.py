@@ -54,13 +54,14 @@ def pin_models(cfg: ServeConfig, tracking_uri: str | None) -> dict[str, dict]:
     return {m.name: pin_model_uri(m.uri, tracking_uri) for m in cfg.models}
 
 
-def check_models(pins: dict[str, dict], tracking_uri: str | None, configured: dict | None = None) -> dict[str, dict]:
+def check_models(pins: dict[str, dict], tracking_uri: str | None, configured: dict | None = None,
+                 runtime: str = "torch") -> dict[str, dict]:
     """Fail before deploying (a replica that cannot load its model is restarted by Serve forever): each pinned
-    model resolves to an export whose task can be served, and the task configured for it (if any). Returns each
-    model's export meta."""
+    model resolves to an export whose task can be served (on ``runtime``: for onnx, the version's ONNX export), and
+    the task configured for it (if any). Returns each model's export meta."""
     import tempfile
 
-    from vitray.models.export import read_export_meta
+    from vitray.export_format import read_export_meta
     from vitray.tasks import TaskError, get_task
     from vitray.tracking.uris import resolve_model_uri
 
@@ -68,7 +69,11 @@ def check_models(pins: dict[str, dict], tracking_uri: str | None, configured: di
     configured = dict(configured or {})
     for name, pin in pins.items():
         with tempfile.TemporaryDirectory(prefix="vitray-check-") as tmp:
-            meta = read_export_meta(resolve_model_uri(pin["uri"], tracking_uri, dest=tmp))
+            folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp, runtime=runtime)
+            meta = read_export_meta(folder)
+        if runtime == "onnx" and not meta.get("onnx"):
+            raise ConfigError(f"serve.models {name} ({pin['source']}): serve.runtime onnx, but {folder} is a PyTorch "
+                              f"export; write its ONNX export with `vitray export {pin['source']} --format onnx -o DIR`")
         try:
             get_task(meta["task"], "infer")
         except TaskError as err:
@@ -154,7 +159,7 @@ def build_app(args: dict):
         raise ValueError("serve.models is empty: list at least one {name, uri}, or use `vitray serve --model URI`")
     tracking_uri = args.get("tracking_uri")
     specs = {spec["name"]: spec for spec in plan(cfg, args.get("pins"))}
-    inits = {m.name: (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads, m.task)
+    inits = {m.name: (m.name, tracking_uri, cfg.precision, cfg.max_pixels, cfg.decode_threads, m.task, cfg.runtime)
              for m in cfg.models}
     tasks = {m.name: m.task for m in cfg.models}
     settings = {k: getattr(cfg, k) for k in ("max_body_bytes", "max_pixels", "decode", "decode_threads",
@@ -223,7 +228,7 @@ def deploy(cfg: RunConfig, tracking_uri: str | None = None, start_http: bool = T
 
     tracking_uri = default_tracking_uri(tracking_uri or cfg.tracking.uri)
     pins = pins or pin_models(cfg.serve, tracking_uri)
-    metas = metas or check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models})
+    metas = metas or check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models}, cfg.serve.runtime)
     if start_http:
         serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(build_app(app_args(cfg.serve, tracking_uri, pins)), name=APP_NAME, route_prefix="/")
@@ -271,7 +276,7 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models})  # fail fast, before Ray
+    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models}, cfg.serve.runtime)  # fail fast, before Ray
     address = address or cfg.cluster.address
     if not ray.is_initialized():  # replicas' output comes to the driver: into the command's log (vitray.console)
         if address:
@@ -321,7 +326,7 @@ def reload(cfg: RunConfig, address: str | None = "auto") -> list[tuple[str, str 
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models})
+    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models}, cfg.serve.runtime)
     if not ray.is_initialized():
         ray.init(address=address or "auto", log_to_driver=False)
     before = current_versions()

@@ -63,6 +63,7 @@ class LoadedModel:
                 "classes": self.predictor.class_names, "num_classes": len(self.predictor.class_names),
                 "input_size": self.predictor.input_size, "architecture": meta["model"]["name"],
                 "precision": self.predictor.precision, "device": str(self.predictor.device),
+                "runtime": self.predictor.runtime,
                 "preprocessing": meta["preprocessing"], "metrics": meta.get("metrics") or {}}
 
 
@@ -71,16 +72,21 @@ class ModelRunner:
     router) or inside the ingress replica when only one model is served (no extra hop)."""
 
     def __init__(self, name: str, tracking_uri: str | None = None, precision: str = "auto",
-                 max_pixels: int | None = MAX_PIXELS, decode_threads: int = 2, task: str | None = None):
-        import torch
-
+                 max_pixels: int | None = MAX_PIXELS, decode_threads: int = 2, task: str | None = None,
+                 runtime: str = "torch"):
         import ray
 
         self.name, self.tracking_uri, self.precision, self.max_pixels = name, tracking_uri, precision, max_pixels
         self.task = task  # None: whatever the export's task is
+        self.runtime = runtime  # torch, or onnx (ONNX Runtime on CPU: torch is never imported)
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.threads = max(1, int(cpus))
+        self.device = "cpu"
+        if runtime == "torch":
+            import torch
+
+            torch.set_num_threads(self.threads)
+            self.device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="vitray-decode")
         self._forward = ThreadPoolExecutor(1, thread_name_prefix="vitray-forward")
         self._current: LoadedModel | None = None
@@ -97,16 +103,16 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------------------ model versions
     def _load(self, pin: dict) -> LoadedModel:
-        from vitray.models.export import load_export
         from vitray.tracking.uris import resolve_model_uri
 
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix=f"vitray-serve-{self.name}-") as tmp:
-            folder = resolve_model_uri(pin["uri"], self.tracking_uri, dest=tmp)
-            model, meta = load_export(folder, device=self.device)
+            folder = resolve_model_uri(pin["uri"], self.tracking_uri, dest=tmp, runtime=self.runtime)
+            predictor = Predictor.from_export(folder, runtime=self.runtime, threads=self.threads, device=self.device,
+                                              precision=self.precision, max_pixels=self.max_pixels)
+        meta = predictor.meta
         if self.task and meta["task"] != self.task:
             raise ValueError(f"model {self.name} ({pin['source']}): a {meta['task']} model, configured as {self.task}")
-        predictor = Predictor(model, meta, device=self.device, precision=self.precision, max_pixels=self.max_pixels)
         size = predictor.input_size
         predictor.forward(np.zeros((2, 3, size, size), np.uint8))  # warm-up: the first call is slow
         # the key names what a crop depends on (the version and its preprocessing), the same in every replica

@@ -60,6 +60,7 @@ class EmbeddingHead(InferenceHead):
     Params = EmbedParams
     Response = EmbedResponse
     summary = "Embed one image: the pooled features of the model's ViT encoder"
+    numpy_outputs = True
 
     def __init__(self, codec, prepare=None):
         self.codec = codec
@@ -69,7 +70,9 @@ class EmbeddingHead(InferenceHead):
         return self._prepare(rgb, meta) if self._prepare is not None else eval_input(rgb, meta, self.codec)
 
     def postprocess(self, outputs, sizes, meta) -> np.ndarray:
-        """(N, D) features -> (N, D) float32 rows."""
+        """(N, D) features (a tensor, or numpy from the onnx runtime) -> (N, D) float32 rows."""
+        if isinstance(outputs, np.ndarray):
+            return outputs.astype(np.float32, copy=False)
         return outputs.float().cpu().numpy()
 
     def respond(self, emb: np.ndarray, size, params: EmbedParams, meta: dict) -> dict:

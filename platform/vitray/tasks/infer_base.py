@@ -46,12 +46,14 @@ def per_row(answers, ok: np.ndarray, encode, empty: tuple) -> tuple[list[np.ndar
 
 class InferenceHead:
     """Params: the route's query parameters (a pydantic model, unknown keys refused); Response: its response model
-    (OpenAPI); summary: the route's one-line description; codec: the task's data codec (its eval transform)."""
+    (OpenAPI); summary: the route's one-line description; codec: the task's data codec (its eval transform);
+    numpy_outputs: ``postprocess`` takes numpy outputs as well as tensors, so the onnx runtime needs no torch."""
 
     Params = None
     Response = None
     summary = ""
     codec = None
+    numpy_outputs = False
 
     def prepare(self, rgb: np.ndarray, meta: dict) -> np.ndarray:
         """(H, W, 3) uint8 at full size -> the (3, S, S) uint8 model input (the original size is kept by the caller)."""

@@ -134,7 +134,7 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from vitray.models.export import read_export_meta
+    from vitray.export_format import read_export_meta
     from vitray.predict import Predictor
     from vitray.tasks import get_task
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from vitray.config import ConfigError, is_model_uri, vitray_home
 
 __all__ = ["default_tracking_uri", "client_for", "tracking_scope", "resolve_model_uri", "load_model", "pin_model_uri",
-           "ModelUriError"]
+           "ModelUriError", "onnx_artifact_uri", "ONNX_TAG"]
 
 
 class ModelUriError(ConfigError):
@@ -68,7 +68,7 @@ def tracking_scope(uri: str):
 
 
 def _find_export(root: Path) -> Path | None:
-    from vitray.models.export import EXPORT_META
+    from vitray.export_format import EXPORT_META
 
     if (root / EXPORT_META).is_file():
         return root
@@ -76,9 +76,37 @@ def _find_export(root: Path) -> Path | None:
     return hits[0].parent if hits else None
 
 
-def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | None = None, progress: bool = False) -> Path:
+ONNX_TAG = "vitray.onnx"  # on a registered model version: the artifact URI of its ONNX export (`vitray export`)
+
+
+def onnx_artifact_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """Where the ONNX export of a registered version lives (``models:/NAME@ALIAS`` or ``models:/NAME/V`` -> the
+    ``runs:/`` URI in its ``vitray.onnx`` tag); other URIs are returned as they are (a folder or run artifact that
+    is itself an ONNX export)."""
+    m = _REGISTRY_URI.match(uri)
+    if not m:
+        return uri
+    from mlflow.exceptions import MlflowException
+
+    pin = pin_model_uri(uri, tracking_uri)
+    try:
+        mv = client_for(default_tracking_uri(tracking_uri)).get_model_version(pin["name"], pin["version"])
+    except MlflowException as err:
+        raise ModelUriError(f"model {uri}: {str(err).splitlines()[0]}") from None
+    found = (mv.tags or {}).get(ONNX_TAG)
+    if not found:
+        raise ModelUriError(f"model {uri}: version {pin['version']} has no ONNX export; write and attach one with "
+                            f"`vitray export {pin['uri']} --format onnx -o DIR` (add --int8 for the int8 graph)")
+    return found
+
+
+def resolve_model_uri(uri: str, tracking_uri: str | None = None, dest: str | None = None, progress: bool = False,
+                      runtime: str = "torch") -> Path:
     """A local export folder for ``uri``: itself when local, else the registered/logged model's artifacts
-    downloaded from MLflow (``dest`` or a temporary folder). Errors name the URI and what is wrong."""
+    downloaded from MLflow (``dest`` or a temporary folder). ``runtime="onnx"``: a registered version's ONNX export
+    (:func:`onnx_artifact_uri`). Errors name the URI and what is wrong."""
+    if runtime == "onnx":
+        uri = onnx_artifact_uri(uri, tracking_uri)
     if not is_model_uri(uri):
         path = Path(uri).expanduser()
         if not path.exists():

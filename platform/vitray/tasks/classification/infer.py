@@ -45,9 +45,15 @@ class ClassificationHead(InferenceHead):
     Response = ClassifyResponse
     codec = CODEC
     summary = "Classify one image"
+    numpy_outputs = True
 
     def postprocess(self, outputs, sizes, meta) -> np.ndarray:
-        """(N, classes) logits -> (N, classes) float32 probabilities (rows are the answers)."""
+        """(N, classes) logits (a tensor, or numpy from the onnx runtime) -> (N, classes) float32 probabilities (rows
+        are the answers)."""
+        if isinstance(outputs, np.ndarray):
+            z = outputs.astype(np.float32) - outputs.max(axis=-1, keepdims=True)
+            e = np.exp(z)
+            return e / e.sum(axis=-1, keepdims=True)
         import torch
 
         return torch.softmax(outputs.float(), dim=-1).cpu().numpy()
