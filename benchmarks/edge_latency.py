@@ -1,7 +1,7 @@
 """Edge inference on this CPU: PyTorch eager against ONNX Runtime fp32 and int8 (`vitray export --format onnx
 --int8`), in one run, on the same exported models.
 
-    python benchmarks/edge_latency.py                       # digits ViT-Pico (trained here) + DeiT-Tiny/Small 224
+    python benchmarks/edge_latency.py                       # digits ViT-Pico (trained here) + DeiT-Ti/S/B 224
     python benchmarks/edge_latency.py --arch deit_tiny_patch16_224 --seconds 10
 
 Speed rows, per architecture (the model's forward on a normalised batch, CPU threads = this process's CPUs):
@@ -10,7 +10,7 @@ Speed rows, per architecture (the model's forward on a normalised batch, CPU thr
                   or AVX512-BF16; printed for reference
   onnx fp32       ONNX Runtime, CPU provider, the fp32 graph
   onnx int8       the int8 graph (MatMul/Gemm weights int8 per channel, activations quantized per batch)
-columns: batch-1 latency p50/p99 (ms), images/s at batch 32, model file size.
+columns: batch-1 latency p50/p99 (ms), images/s at batch 32 (median of interleaved rounds), model file size.
 Accuracy, on the classifier trained here on scikit-learn's bundled digits (packed as `vitray data pack` does):
 val top-1 of each runtime, int8 top-1 agreement with torch over every digit image, and the largest fp32
 probability difference.
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import numpy as np  # noqa: E402
 
 
-def latencies(fn, seconds: float, min_calls: int = 30) -> np.ndarray:
-    """Per-call seconds of fn over about ``seconds`` (at least ``min_calls``), after 3 warm-up calls."""
-    for _ in range(3):
+def latencies(fn, seconds: float, min_calls: int = 20, warmup: int = 3) -> np.ndarray:
+    """Per-call seconds of fn over about ``seconds`` (at least ``min_calls``), after ``warmup`` calls."""
+    for _ in range(warmup):
         fn()
     out, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds or len(out) < min_calls:
@@ -60,7 +60,9 @@ def _random_export(folder: Path, name: str) -> Path:
                        task="classification", class_names=[], preprocessing=pre)
 
 
-def speed(label: str, src: Path, onnx: Path, seconds: float, batch: int) -> list[dict]:
+def speed(label: str, src: Path, onnx: Path, seconds: float, batch: int, repeats: int) -> list[dict]:
+    """Every runtime timed in turn, ``repeats`` rounds (interleaved, so a slower minute of a shared machine falls on
+    all of them): batch-1 latency percentiles over every call, images/s at ``batch`` the median of the rounds."""
     import torch
 
     from vitray.models.export import load_export
@@ -70,23 +72,29 @@ def speed(label: str, src: Path, onnx: Path, seconds: float, batch: int) -> list
     s = int(meta["preprocessing"]["img_size"])
     rng = np.random.default_rng(0)
     one, many = (rng.standard_normal((n, 3, s, s)).astype(np.float32) for n in (1, batch))
-    rows = []
-
-    def row(runtime: str, fn1, fnb, size: int):
-        lat = latencies(fn1, seconds / 2) * 1e3
-        per_batch = latencies(fnb, seconds / 2, min_calls=3)
-        rows.append({"arch": label, "runtime": runtime, "p50": float(np.percentile(lat, 50)),
-                     "p99": float(np.percentile(lat, 99)), "ips": batch / float(np.median(per_batch)), "bytes": size})
-
     t1, tb = torch.from_numpy(one), torch.from_numpy(many)
-    weights = (src / "model.safetensors").stat().st_size
-    with torch.no_grad():
-        row("torch fp32", lambda: model(t1), lambda: model(tb), weights)
+
+    def bf16(x):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            row("torch bf16", lambda: model(t1), lambda: model(tb), weights)
+            return model(x)
+
+    weights = (src / "model.safetensors").stat().st_size
+    runtimes = {"torch fp32": (model, t1, tb, weights), "torch bf16": (bf16, t1, tb, weights)}
     for precision in ("fp32", "int8"):
         m = OnnxModel(onnx, precision)
-        row(f"onnx {precision}", lambda: m(one), lambda: m(many), m.path.stat().st_size)
+        runtimes[f"onnx {precision}"] = (m, one, many, m.path.stat().st_size)
+    lat: dict[str, list] = {k: [] for k in runtimes}
+    ips: dict[str, list] = {k: [] for k in runtimes}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, (fn, x1, xb, _) in runtimes.items():
+                lat[name].append(latencies(lambda: fn(x1), seconds / repeats / 2))
+                ips[name].append(batch / float(np.median(latencies(lambda: fn(xb), seconds / repeats / 2, 2, 1))))
+    rows = []
+    for name, (_, _, _, size) in runtimes.items():
+        ms = np.concatenate(lat[name]) * 1e3
+        rows.append({"arch": label, "runtime": name, "p50": float(np.percentile(ms, 50)),
+                     "p99": float(np.percentile(ms, 99)), "ips": float(np.median(ips[name])), "bytes": size})
     return rows
 
 
@@ -112,12 +120,13 @@ def accuracy(src: Path, onnx: Path, shards: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", action="append", default=None,
-                    help="random-weight architectures to time (default deit_tiny/small_patch16_224)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="per runtime and architecture")
+                    help="random-weight architectures to time (default DeiT tiny, small, base at 224)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per runtime and architecture, over every round")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every runtime")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=12, help="digits classifier training epochs")
     args = ap.parse_args()
-    archs = args.arch or ["deit_tiny_patch16_224", "deit_small_patch16_224"]
+    archs = args.arch or ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 
     import torch
 
@@ -149,7 +158,7 @@ def main() -> None:
                   flush=True)
             if acc is None:
                 acc = accuracy(folder, onnx, shards)
-            rows += speed(label, folder, onnx, args.seconds, args.batch_size)
+            rows += speed(label, folder, onnx, args.seconds, args.batch_size, args.repeats)
 
     print(f"\n{'architecture':<28}{'runtime':<12}{'p50 ms':>9}{'p99 ms':>9}{'img/s@' + str(args.batch_size):>11}"
           f"{'MB':>8}{'x img/s':>9}{'x size':>8}")

@@ -60,6 +60,56 @@ def test_every_zoo_model_exports_with_a_dynamic_batch_and_matches_pytorch(name, 
         assert np.abs(onnx_p.probabilities(CHECK_IMAGES[:n]) - torch_p.probabilities(CHECK_IMAGES[:n])).max() <= 1e-4
 
 
+def _task_export(folder, task: str):
+    """A random-weight export of ``task``'s model, written as training writes it (the task's arch and state)."""
+    import torch
+
+    from vitray.config import parse_config
+    from vitray.models.export import save_export
+    from vitray.tasks import get_task
+
+    torch.manual_seed(0)
+    name, size = ("vit_pico_patch8_64", 64) if task == "detection" else ("vit_pico_patch4_32", 32)
+    cfg = parse_config({"model": {"name": name, "num_classes": 3, "img_size": size}, "train": {"task": task}})
+    arch = get_task(task).load("model")
+    state = arch.for_training(cfg).state_dict()
+    if hasattr(arch, "export_state"):
+        state = arch.export_state(state)
+    return save_export(folder, state, model=arch.arch(cfg, size), task=task, preprocessing={**PRE, "img_size": size},
+                       class_names=list("abc") if get_task(task).labelled else [])
+
+
+def _same_answers(a, b, tol: float) -> None:
+    """Two runtimes' answers to the same images agree (arrays within ``tol``; dicts key by key)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same_answers(a[k], b[k], tol)
+    else:
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape and (np.abs(a.astype(np.float64) - b).max() if a.size else 0) <= tol
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection", "mae"])
+def test_every_task_exports_and_answers_through_onnx_as_through_torch(task, tmp_path):
+    """Post-processing stays outside the graph, so the task head gives the same answers on both runtimes: class
+    probabilities, masks at each image's size, boxes in its pixels, embeddings."""
+    from vitray.onnx_export import export_onnx
+    from vitray.predict import Predictor
+
+    src = _task_export(tmp_path / "torch", task)
+    result = export_onnx(str(src), tmp_path / "onnx", check_images=CHECK_IMAGES)
+    assert result.exporter == "dynamo" and result.parity_max_abs_diff <= 1e-4, (result.exporter, result.line())
+    want = Predictor.from_export(src, precision="fp32").predict(CHECK_IMAGES)
+    got = Predictor.from_export(tmp_path / "onnx", runtime="onnx").predict(CHECK_IMAGES)
+    assert len(got) == len(want) == len(CHECK_IMAGES)
+    for a, b in zip(got, want):
+        if task == "segmentation":  # class-index masks: a pixel on a near-tie may flip
+            assert a.shape == b.shape and (a == b).mean() >= 0.999
+        else:
+            _same_answers(a, b, 1e-4)
+
+
 # --------------------------------------------------------------------------------- a classifier trained on digits
 @pytest.fixture(scope="module")
 def digits_onnx(digits, tmp_path_factory):
