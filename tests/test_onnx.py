@@ -153,6 +153,7 @@ def test_fp32_and_int8_keep_a_digits_classifiers_answers(digits_onnx):
 @pytest.mark.slow
 def test_a_registered_version_gets_its_onnx_export_and_is_served_and_scored_through_it(
         digits_onnx, ray_cluster, cli, tmp_path):
+    import pyarrow.parquet as pq
     from ray import serve
 
     from vitray.batch import score
@@ -211,8 +212,6 @@ def test_a_registered_version_gets_its_onnx_export_and_is_served_and_scored_thro
         summary = score("models:/digits@champion", str(folder), str(out), runtime="onnx", precision=precision,
                         tracking_cfg=TrackingConfig(uri=uri), batch_size=8)
         assert summary.runtime == "onnx" and summary.precision == ("fp32" if precision == "auto" else "int8")
-        import pyarrow.parquet as pq
-
         t = pq.read_table(out).sort_by("id").to_pylist()
         rows = {r["id"]: r for r in t}
         assert rows["broken.png"]["error"] and rows["broken.png"]["label"] is None
@@ -223,7 +222,8 @@ def test_a_registered_version_gets_its_onnx_export_and_is_served_and_scored_thro
         else:
             assert (labels == want.argmax(1)).mean() >= 0.95
     with pytest.raises(Exception, match="started on the onnx runtime"):
-        score("models:/digits@champion", str(folder), str(tmp_path / "scored-auto"), tracking_cfg=TrackingConfig(uri=uri))
+        score("models:/digits@champion", str(folder), str(tmp_path / "scored-auto"),
+              tracking_cfg=TrackingConfig(uri=uri))
 
 
 def _free_port() -> int:
@@ -257,7 +257,8 @@ def test_the_onnx_serving_path_imports_and_answers_with_torch_blocked(tmp_path):
         probs = p.probabilities(images).tolist()
         q = Predictor.from_export({str(tmp_path / 'onnx')!r}, runtime="onnx", precision="int8")
         answer = q.head.respond(q.predict(images[:1])[0], None, q.head.Params(), q.meta)
-        print(json.dumps({{"probs": probs, "answer": answer, "torch": "torch" in sys.modules and sys.modules["torch"] is not None}}))
+        loaded = "torch" in sys.modules and sys.modules["torch"] is not None
+        print(json.dumps({{"probs": probs, "answer": answer, "torch": loaded}}))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

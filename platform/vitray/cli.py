@@ -350,8 +350,9 @@ def cmd_score(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.score = sc = _with_flags(cfg.score, "score", {
-        **{k: getattr(args, k) for k in ("model", "input", "output", "batch_size", "concurrency", "runtime", "precision",
-                                         "top_k", "format", "image_column", "files_per_unit", "cpus_per_actor")},
+        **{k: getattr(args, k) for k in ("model", "input", "output", "batch_size", "concurrency", "runtime",
+                                         "precision", "top_k", "format", "image_column", "files_per_unit",
+                                         "cpus_per_actor")},
         "use_gpu": True if args.use_gpu else None})
     if args.tracking_uri:
         cfg.tracking.uri = args.tracking_uri

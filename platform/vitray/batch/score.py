@@ -168,7 +168,8 @@ def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = 
     if overwrite:
         for f in out.glob("part-*.parquet"):
             f.unlink()
-    job = {"input": inp.to_json(), "model": pin, "outputs": outputs, "runtime": runtime, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    job = {"input": inp.to_json(), "model": pin, "outputs": outputs, "runtime": runtime,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(path, job)
     return job
 
@@ -238,8 +239,8 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
           outputs: str = "task", runtime: str = "torch") -> ScoreSummary:
     """Score ``input_path`` with ``model_uri`` into ``output`` (see the module docstring). Input and model problems
     raise :class:`InputError` / ``ModelUriError`` (exit 2) before Ray starts. ``outputs="embedding"``: the pooled
-    features of the model's encoder instead of its task's answers (``vitray embed``). ``runtime="onnx"``: the model's ONNX
-    export on ONNX Runtime's CPU provider (the same columns)."""
+    features of the model's encoder instead of its task's answers (``vitray embed``). ``runtime="onnx"``: the
+    model's ONNX export on ONNX Runtime's CPU provider (the same columns)."""
     import tempfile
 
     from vitray.config import TrackingConfig

@@ -73,7 +73,8 @@ def check_models(pins: dict[str, dict], tracking_uri: str | None, configured: di
             meta = read_export_meta(folder)
         if runtime == "onnx" and not meta.get("onnx"):
             raise ConfigError(f"serve.models {name} ({pin['source']}): serve.runtime onnx, but {folder} is a PyTorch "
-                              f"export; write its ONNX export with `vitray export {pin['source']} --format onnx -o DIR`")
+                              f"export; write its ONNX export with "
+                              f"`vitray export {pin['source']} --format onnx -o DIR`")
         try:
             get_task(meta["task"], "infer")
         except TaskError as err:
@@ -276,7 +277,8 @@ def run(cfg: RunConfig, address: str | None = None, block: bool = True) -> int:
 
     tracking_uri = default_tracking_uri(cfg.tracking.uri)
     pins = pin_models(cfg.serve, tracking_uri)
-    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models}, cfg.serve.runtime)  # fail fast, before Ray
+    # fail fast, before Ray
+    metas = check_models(pins, tracking_uri, {m.name: m.task for m in cfg.serve.models}, cfg.serve.runtime)
     address = address or cfg.cluster.address
     if not ray.is_initialized():  # replicas' output comes to the driver: into the command's log (vitray.console)
         if address:
