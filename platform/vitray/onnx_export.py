@@ -29,7 +29,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -183,7 +183,3 @@ def export_onnx(source: str, output: str | Path, *, int8: bool = False, opset: i
     if register and pin.get("version"):
         result.registered = attach_to_version(out, pin, tracking_uri)
     return result
-
-
-def export_summary(result: OnnxExport) -> str:
-    return json.dumps(asdict(result), indent=1)
