@@ -132,6 +132,20 @@ def test_external_mlflow_uses_the_secret_and_s3_without_a_volume(helm_bin, tmp_p
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/instance": "vitray"}
 
 
+def test_object_storage_mode_has_no_volume_and_every_ray_pod_reads_the_credentials_secret(helm_bin, tmp_path):
+    docs = template(helm_bin, files=[CHART / "ci" / "object-storage-values.yaml"], tmp=tmp_path)
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        (c,) = pod["containers"]
+        assert c["envFrom"] == [{"secretRef": {"name": "vitray-s3"}}]  # values hold the Secret's name, never a key
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["AWS_ENDPOINT_URL"] == "http://minio.storage:9000" and "VITRAY_HOME" not in env
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+
+
 def test_serving_values_render_a_rayservice_with_a_yaml_string_serve_config(helm_bin, tmp_path):
     docs = template(helm_bin, files=[CHART / "ci" / "serving-values.yaml"], tmp=tmp_path)
     assert not [d for d in docs if d["kind"] == "RayJob"]
@@ -176,7 +190,9 @@ CONFIGS = [
                                                    "kubernetes.storage_claim='2024'")),
     ("jobs/configs/digits_vit_pico.yaml", ("kubernetes.shared_storage=false", "kubernetes.auth=disabled",
                                            "kubernetes.mlflow_uri=http://mlflow.ml:5000", "kubernetes.autoscaling=false",
-                                           "kubernetes.submission_mode=HTTPMode", "kubernetes.name=digits")),
+                                           "kubernetes.submission_mode=HTTPMode", "kubernetes.name=digits",
+                                           "kubernetes.object_storage_secret=vitray-s3",
+                                           "kubernetes.object_storage_endpoint=http://minio.storage:9000")),
     ("jobs/configs/serve_digits.yaml", ("kubernetes.name=web",)),
     ("jobs/configs/digits_vit_pico.yaml", ("score.model=models:/digits-vit@champion", "score.input=/mnt/vitray/in",
                                            "score.output=/mnt/vitray/out", "score.concurrency=3", "score.use_gpu=true",

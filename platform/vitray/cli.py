@@ -234,7 +234,10 @@ def cmd_data_pack(args) -> int:
                 f"[{m.task}, {f'{m.num_classes} classes' if m.class_names else 'unlabeled'}] in {m.source['seconds']:.1f}s")
     console.say(f"[vitray] skipped {len(m.skipped)} file(s)"
                 + (" (vitray data inspect lists them with reasons)" if m.skipped else ""))
-    with console.log_to(Path(args.out) / LOG_DIR / f"pack-{__import__('time').strftime('%Y%m%d-%H%M%S')}.log") as log:
+    from vitray import storage
+
+    with console.log_to(storage.join(args.out, LOG_DIR, f"pack-{__import__('time').strftime('%Y%m%d-%H%M%S')}.log")) \
+            as log:
         if log is not None:
             console.say(f"[vitray] log: {log}")
     return 0
@@ -258,7 +261,10 @@ def cmd_data_compose(args) -> int:
 
 
 def cmd_data_inspect(args) -> int:
+    from vitray import storage
     from vitray.data.inspection import summarize, verify
+
+    storage.check(args.out, "FOLDER")
 
     print(summarize(args.out))
     if args.verify:
@@ -449,6 +455,8 @@ def cmd_submit(args) -> int:
                           package=not args.no_package, submission_id=args.submission_id,
                           tracking_uri=args.tracking_uri)
     print(f"[vitray] submitted {workload} job {res.submission_id} to {res.address}")
+    if res.forwarded:
+        print(f"[vitray] forwarded to the job's environment: {', '.join(res.forwarded)} (values not shown)")
     if not args.wait:
         print(f"[vitray] follow it: vitray jobs logs {res.submission_id} --follow --address {res.address}")
         return 0
@@ -860,8 +868,9 @@ def _run(func: Callable, args) -> int:
     except Exception as err:  # noqa: BLE001 - the CLI's last line of defence: one line, no traceback
         from vitray.data import ManifestError, SourceError
         from vitray.models import CheckpointError, UnknownModelError
+        from vitray.storage import StorageError
 
-        if isinstance(err, (CheckpointError, UnknownModelError, SourceError, ManifestError)):
+        if isinstance(err, (CheckpointError, UnknownModelError, SourceError, ManifestError, StorageError)):
             print(f"vitray: error: {err}", file=sys.stderr)
             return 2
         from vitray.capacity import CapacityError

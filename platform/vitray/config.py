@@ -208,6 +208,9 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else a sqlite file "
                                               "under the vitray home (no server to start)")
     experiment: str = Field("vitray", min_length=1)
+    artifact_location: str | None = Field(None, description="where a new experiment keeps its artifacts (models, "
+                                                            "pictures, logs), e.g. s3://bucket/mlflow; default: "
+                                                            "beside a sqlite store, or the server's own")
     registered_model: str | None = Field(None, min_length=1, description="register the trained model under this name")
     promotion_metric: str = Field("auto", min_length=1, description="auto: the task's primary metric")
     promotion_mode: Literal["auto", "max", "min"] = "auto"
@@ -425,6 +428,11 @@ class KubernetesConfig(_Section):
                                                    "under $VITRAY_HOME); false: use s3:// or gs:// paths")
     storage_claim: str | None = Field(None, pattern=DNS_LABEL, description="that PVC; default <name>-data (the chart's)")
     storage_mount: str = Field("/mnt/vitray", pattern=r"^/")
+    object_storage_secret: str | None = Field(None, pattern=DNS_LABEL, description="an existing Secret exposed as "
+                                              "environment on every Ray pod: the object storage credentials "
+                                              "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
+    object_storage_endpoint: str | None = Field(None, pattern=r"^https?://", description="AWS_ENDPOINT_URL on every "
+                                                "Ray pod: an S3-compatible store (MinIO, Ceph); default AWS itself")
     mlflow_uri: str | None = Field(None, description="tracking URI inside the cluster; default the chart's server "
                                                      "http://<name>-mlflow:5000")
     entrypoint: str | None = Field(None, min_length=1, description="the job's shell command; default the jobs/ "
@@ -601,10 +609,31 @@ def check_config(cfg: RunConfig, *, models: bool = True, files: bool = True) -> 
     if cfg.train.ema.enabled and cfg.deepspeed.zero_stage == 3:
         errors.append("train.ema.enabled: EMA needs the full weights on every rank: use deepspeed.zero_stage <= 2")
     if files:
+        from vitray import storage
+
         for field, value in (("model.checkpoint", cfg.model.checkpoint),
                              ("train.distillation.teacher", cfg.train.distillation.teacher)):
-            if value and not is_model_uri(value) and not Path(value).expanduser().exists():
+            if not value or is_model_uri(value):
+                continue
+            if storage.is_uri(value):
+                try:
+                    storage.check(value, field)
+                    if not storage.exists(value):
+                        errors.append(f"{field}: not found: {value}")
+                except storage.StorageError as err:
+                    errors.append(str(err))
+            elif not Path(value).expanduser().exists():
                 errors.append(f"{field}: file not found: {value}")
+        # object storage: reachable, with credentials, the bucket there (and writable where vitray writes), before
+        # any cluster work
+        for field, value, write in (("data.path", cfg.data.path, False),
+                                    ("cluster.storage_path", cfg.cluster.storage_path, True),
+                                    ("tracking.artifact_location", cfg.tracking.artifact_location, True)):
+            if value and storage.is_uri(value):
+                try:
+                    storage.check(value, field, write=write)
+                except storage.StorageError as err:
+                    errors.append(str(err))
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors), errors)
     return cfg

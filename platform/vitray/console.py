@@ -24,11 +24,12 @@ import re
 import selectors
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-__all__ = ["capture", "say", "log_only", "last_log", "progress", "log_to", "drain", "verbose", "current_log", "fmt_eta", "Progress",
+__all__ = ["capture", "say", "log_only", "last_log", "progress", "log_to", "local_log", "drain", "verbose", "current_log", "fmt_eta", "Progress",
            "KNOWN_HARMLESS", "is_warning", "plain"]
 
 VERBOSE_ENV = "VITRAY_VERBOSE"
@@ -387,6 +388,18 @@ def current_log() -> Path | None:
     return cap.spool_path if cap is not None else None
 
 
+_LOCAL_LOGS: dict[str, Path] = {}  # log_to's target -> the local file written meanwhile
+
+
+def local_log(path) -> Path | None:
+    """The local file behind a path given to :func:`log_to` (itself, or for an object store URI the local copy
+    being written until the upload); None when there is none."""
+    if path is None:
+        return None
+    local = _LOCAL_LOGS.get(str(path), Path(str(path)))
+    return local if local.is_file() else None
+
+
 @contextlib.contextmanager
 def log_to(path: str | Path):
     """For the body, the captured output also goes to ``path`` (a run's storage), which starts with everything the
@@ -395,12 +408,23 @@ def log_to(path: str | Path):
     if cap is None:
         yield None
         return
-    path = Path(path)
-    f = cap.add_file(path)
+    from vitray import storage
+
+    remote = storage.is_uri(path)
+    local = Path(tempfile.mkdtemp(prefix="vitray-log-")) / storage.basename(path) if remote else Path(path)
+    f = cap.add_file(local)
+    _LOCAL_LOGS[str(path)] = local
     try:
-        yield path
+        yield path if remote else local
     finally:
         cap.remove_file(f)
+        _LOCAL_LOGS.pop(str(path), None)
+        if remote:  # an object store has no append: the log is written locally, then uploaded whole
+            try:
+                storage.write_bytes(path, local.read_bytes())
+            except OSError as err:
+                print(f"[vitray] warning: could not upload the log to {path}: {err}", file=sys.stderr, flush=True)
+            shutil.rmtree(local.parent, ignore_errors=True)
 
 
 def drain() -> None:

@@ -73,6 +73,10 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 - name: VITRAY_HOME
   value: {{ .Values.storage.mountPath | quote }}
 {{- end }}
+{{- with .Values.objectStorage.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
 {{- range $k, $v := .Values.env }}
 - name: {{ $k }}
   value: {{ toString $v | quote }}
@@ -143,6 +147,10 @@ headGroupSpec:
           env:
             {{- $env | nindent 12 }}
           {{- end }}
+          {{- with $v.objectStorage.existingSecret }}
+          envFrom:
+            - secretRef: {name: {{ . | quote }}}
+          {{- end }}
           volumeMounts:
             - {name: shm, mountPath: /dev/shm}
             {{- if $v.storage.enabled }}
@@ -202,6 +210,10 @@ workerGroupSpecs:
             {{- if $env }}
             env:
               {{- $env | nindent 14 }}
+            {{- end }}
+            {{- with $v.objectStorage.existingSecret }}
+            envFrom:
+              - secretRef: {name: {{ . | quote }}}
             {{- end }}
             volumeMounts:
               - {name: shm, mountPath: /dev/shm}

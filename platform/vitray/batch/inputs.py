@@ -19,6 +19,7 @@ import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vitray import storage
 from vitray.config import ConfigError
 from vitray.data.sources import tar_samples
 
@@ -60,7 +61,7 @@ class ScoreInput:
     def fingerprint(self) -> str:
         """sha256 of the unit list: keys, files, row counts and each unit's content digest (the manifest's shard
         hashes for packed shards; sizes and modification times otherwise), so a rebuilt input is a new input."""
-        data = json.dumps([[u.key, u.kind, Path(u.path).name, u.rows, u.files, u.digest] for u in self.units],
+        data = json.dumps([[u.key, u.kind, storage.basename(u.path), u.rows, u.files, u.digest] for u in self.units],
                           sort_keys=True)
         return hashlib.sha256(data.encode()).hexdigest()
 
@@ -69,27 +70,39 @@ class ScoreInput:
                 "units": [asdict(u) for u in self.units]}
 
 
-def _detect(path: Path) -> str:
-    if path.is_dir():
-        if (path / "manifest.json").is_file():
+def _detect(path: str) -> str:
+    if storage.is_dir(path):
+        if storage.is_file(storage.join(path, "manifest.json")):
             return "shards"
-        if any(path.glob("*.parquet")):
+        names = [storage.basename(p) for p, _ in storage.list_files(path)]
+        if any(n.endswith(".parquet") for n in names):
             return "parquet"
-        if any(path.glob("*.tar")):
+        if any(n.endswith(".tar") for n in names):
             return "webdataset"
         return "images"
-    if path.suffix == ".parquet":
+    if path.endswith(".parquet"):
         return "parquet"
-    if path.suffix == ".tar":
+    if path.endswith(".tar"):
         return "webdataset"
     raise InputError(f"input {path}: not a folder, a .parquet or a .tar file")
+
+
+def _listed(root: str, suffix: str) -> list[str]:
+    """``root`` itself (a file), or the files of the folder or prefix ending in ``suffix``, sorted."""
+    if not storage.is_dir(root):
+        return [root]
+    return [p for p, _ in storage.list_files(root) if p.endswith(suffix)]
 
 
 def _stat_digest(paths) -> str:
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+        if storage.is_uri(p):
+            size, mtime = storage.stat(p)
+        else:
+            st = os.stat(p)
+            size, mtime = st.st_size, st.st_mtime_ns
+        h.update(f"{p}:{size}:{mtime};".encode())
     return h.hexdigest()
 
 
@@ -97,15 +110,16 @@ def _safe_key(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def _parquet_unit(f: Path, image_column: str | None) -> Unit:
+def _parquet_unit(f: str, image_column: str | None) -> Unit:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(f)
+        with storage.open_input(f) as fh:
+            pf = pq.ParquetFile(fh)
+            schema, num_rows = pf.schema_arrow, pf.metadata.num_rows
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise InputError(f"input {f}: not a readable Parquet file ({str(err)[:200]})") from None
-    schema = pf.schema_arrow
     binary = [n for n in schema.names if pa.types.is_binary(schema.field(n).type)
               or pa.types.is_large_binary(schema.field(n).type)]
     col = image_column or ("image" if "image" in schema.names else (binary[0] if binary else None))
@@ -113,13 +127,24 @@ def _parquet_unit(f: Path, image_column: str | None) -> Unit:
         raise InputError(f"input {f}: no image column (binary columns: {', '.join(binary) or 'none'}); "
                          "name it with --image-column")
     id_col = "id" if "id" in schema.names else None
-    return Unit(_safe_key(f.stem), "parquet", str(f), pf.metadata.num_rows, image_column=col, id_column=id_col,
+    return Unit(_safe_key(_stem(f)), "parquet", f, num_rows, image_column=col, id_column=id_col,
                 digest=_stat_digest([f]))
 
 
+def _stem(path: str) -> str:
+    return storage.basename(path).rsplit(".", 1)[0]
+
+
 def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, files_per_unit: int = 1024) -> ScoreInput:
-    root = Path(path).expanduser()
-    if not root.exists():
+    if storage.is_uri(path):
+        try:
+            storage.check(path, "--input")
+        except storage.StorageError as err:
+            raise InputError(str(err)) from None
+        root = path.rstrip("/")
+    else:
+        root = str(Path(path).expanduser())
+    if not storage.exists(root):
         raise InputError(f"input {path}: no such file or folder")
     fmt = _detect(root) if fmt == "auto" else fmt
     units: list[Unit] = []
@@ -130,28 +155,26 @@ def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, f
             m = Manifest.read(root)
         except ManifestError as err:
             raise InputError(str(err)) from None
-        units = [Unit(_safe_key(Path(s.file).stem), "parquet", str(root / s.file), s.rows, digest=s.sha256)
+        units = [Unit(_safe_key(_stem(s.file)), "parquet", storage.join(root, s.file), s.rows, digest=s.sha256)
                  for s in m.shards if s.rows]
     elif fmt == "parquet":
-        files = sorted(root.glob("*.parquet")) if root.is_dir() else [root]
-        units = [_parquet_unit(f, image_column) for f in files]
+        units = [_parquet_unit(f, image_column) for f in _listed(root, ".parquet")]
     elif fmt == "webdataset":
-        tars = sorted(root.glob("*.tar")) if root.is_dir() else [root]
-        for t in tars:
+        for t in _listed(root, ".tar"):
             try:
                 n = sum(1 for _ in tar_samples(t, read=False))
             except (tarfile.TarError, OSError, EOFError) as err:
                 raise InputError(f"input {t}: unreadable tar ({err})") from None
-            units.append(Unit(_safe_key(t.stem), "webdataset", str(t), n, digest=_stat_digest([t])))
+            units.append(Unit(_safe_key(_stem(t)), "webdataset", t, n, digest=_stat_digest([t])))
     elif fmt == "images":
-        if not root.is_dir():
+        if not storage.is_dir(root):
             raise InputError(f"input {path}: --format images expects a folder")
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(_relative(p, root) for p, _ in storage.list_files(root, recursive=True)
+                       if p.lower().endswith(IMAGE_EXTS))
         for i in range(0, len(files), files_per_unit):
             chunk = files[i:i + files_per_unit]
             units.append(Unit(f"images-{i // files_per_unit:06d}", "images", str(root), len(chunk), files=chunk,
-                              digest=_stat_digest(root / f for f in chunk)))
+                              digest=_stat_digest(storage.join(root, f) for f in chunk)))
     else:
         raise InputError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     units = [u for u in units if u.rows > 0]
@@ -160,7 +183,11 @@ def discover(path: str, fmt: str = "auto", *, image_column: str | None = None, f
     keys = [u.key for u in units]
     if len(set(keys)) != len(keys):
         raise InputError(f"input {path}: two input files map to the same output name; rename one of them")
-    return ScoreInput(fmt, str(root), units)
+    return ScoreInput(fmt, root, units)
+
+
+def _relative(full: str, root: str) -> str:
+    return full[len(root.rstrip("/")) + 1:] if storage.is_uri(root) else Path(full).relative_to(root).as_posix()
 
 
 def read_unit(unit: Unit):
@@ -182,18 +209,21 @@ def read_unit(unit: Unit):
 
         cols = [unit.image_column] + ([unit.id_column] if unit.id_column else [])
         row = 0
-        stem = Path(unit.path).stem
-        for rb in pq.ParquetFile(unit.path).iter_batches(batch_size=READ_ROWS, columns=cols):
-            images = rb.column(unit.image_column).to_pylist()
-            ids = rb.column(unit.id_column).to_pylist() if unit.id_column else [f"{stem}:{row + i}" for i in range(len(images))]
-            yield {"id": [str(i) for i in ids], "source": [unit.path] * len(images), "image": [b or b"" for b in images],
-                   "read_error": [None if b else "empty image value" for b in images]}
-            row += len(images)
+        stem = _stem(unit.path)
+        with storage.open_input(unit.path) as fh:
+            for rb in pq.ParquetFile(fh).iter_batches(batch_size=READ_ROWS, columns=cols):
+                images = rb.column(unit.image_column).to_pylist()
+                ids = rb.column(unit.id_column).to_pylist() if unit.id_column \
+                    else [f"{stem}:{row + i}" for i in range(len(images))]
+                yield {"id": [str(i) for i in ids], "source": [unit.path] * len(images),
+                       "image": [b or b"" for b in images],
+                       "read_error": [None if b else "empty image value" for b in images]}
+                row += len(images)
         return
     if unit.kind == "webdataset":
-        for key, parts in tar_samples(Path(unit.path)):
+        for key, parts in tar_samples(unit.path):
             ext = next((e for e in TAR_IMAGE_EXTS if e in parts), None)
-            sid = f"{Path(unit.path).stem}/{key}"
+            sid = f"{_stem(unit.path)}/{key}"
             if ext is None:
                 add(sid, f"{unit.path}:{key}", b"", f"no image member (has: {', '.join(sorted(parts))})")
             else:
@@ -203,9 +233,9 @@ def read_unit(unit: Unit):
                 out = batch()
     else:
         for rel in unit.files:
-            full = Path(unit.path) / rel
+            full = storage.join(unit.path, rel)
             try:
-                add(rel, str(full), full.read_bytes())
+                add(rel, full, storage.read_bytes(full))
             except OSError as err:
                 add(rel, str(full), b"", f"unreadable file: {err.strerror or err}")
             if len(out["id"]) >= READ_ROWS:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitray import console
+from vitray import console, storage
 from vitray.config import MAX_PIXELS
 
 from .inputs import InputError, ScoreInput, Unit, discover, read_unit
@@ -140,17 +140,21 @@ class Scorer:
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+def _write_json(path: str, data: dict) -> None:
+    storage.write_text(path, json.dumps(data, indent=1))
 
 
-def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = "task", runtime: str = "torch") -> dict:
+def _parts(out: str) -> list[str]:
+    """The complete units of an output (a local folder or an object store prefix), sorted."""
+    return [p for p, _ in storage.list_files(out) if storage.basename(p).startswith("part-")
+            and p.endswith(".parquet")]
+
+
+def _job(out: str, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = "task", runtime: str = "torch") -> dict:
     """The job record of this output folder: created on the first run, checked on every rerun."""
-    path = out / JOB_FILE
-    if path.is_file() and not overwrite:
-        job = json.loads(path.read_text())
+    path = storage.join(out, JOB_FILE)
+    if storage.is_file(path) and not overwrite:
+        job = json.loads(storage.read_text(path))
         if job.get("runtime", "torch") != runtime:
             raise InputError(f"output {out} was started on the {job.get('runtime', 'torch')} runtime, not {runtime}: "
                              "finish it there, or use a new output folder or --overwrite")
@@ -166,8 +170,8 @@ def _job(out: Path, inp: ScoreInput, pin: dict, overwrite: bool, outputs: str = 
                   f"{job['model']['uri']}, which finishes it (--overwrite to rescore with the new one)", flush=True)
         return job
     if overwrite:
-        for f in out.glob("part-*.parquet"):
-            f.unlink()
+        for f in _parts(out):
+            storage.delete(f)
     job = {"input": inp.to_json(), "model": pin, "outputs": outputs, "runtime": runtime,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_json(path, job)
@@ -187,7 +191,7 @@ def _export_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _write_unit(out: Path, key: str, parts: list[dict], expected: int, head, meta: dict, model: dict,
+def _write_unit(out: str, key: str, parts: list[dict], expected: int, head, meta: dict, model: dict,
                 schema) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -209,23 +213,27 @@ def _write_unit(out: Path, key: str, parts: list[dict], expected: int, head, met
         "model_version": pa.array([model.get("version")] * len(errors), pa.string()),
         "error": pa.array(errors, pa.string()),
     }, schema=schema)
-    final = out / f"part-{key}.parquet"
-    tmp = out / f".part-{key}.parquet.tmp"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before it is named done
-    os.replace(tmp, final)  # a reader (or a rerun) never sees half a unit
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    # all or nothing under its name (a local rename after fsync, or an object store upload; vitray.storage): a
+    # reader, or a rerun, never sees half a unit
+    storage.write_bytes(storage.join(out, f"part-{key}.parquet"), sink.getvalue(), durable=True)
     return table.num_rows
 
 
-def _count_output(out: Path) -> tuple[int, int]:
-    import pyarrow.compute as pc
+def _read_errors(path: str):
     import pyarrow.parquet as pq
 
+    with storage.open_input(path) as f:
+        return pq.read_table(f, columns=["error"])
+
+
+def _count_output(out: str) -> tuple[int, int]:
+    import pyarrow.compute as pc
+
     rows = errors = 0
-    for f in sorted(out.glob("part-*.parquet")):
-        t = pq.read_table(f, columns=["error"])
+    for f in _parts(out):
+        t = _read_errors(f)
         rows += t.num_rows
         errors += t.num_rows - int(pc.sum(pc.is_null(t.column("error"))).as_py() or 0)
     return rows, errors
@@ -251,11 +259,16 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
     tracking_cfg = tracking_cfg or TrackingConfig()
     tracking_uri = default_tracking_uri(tracking_cfg.uri)
     inp = discover(input_path, fmt, image_column=image_column, files_per_unit=files_per_unit)
-    out = Path(output).expanduser()
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output {output}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with console.log_to(out / LOG_DIR / f"score-{time.strftime('%Y%m%d-%H%M%S')}.log") as log_path:
+    if storage.is_uri(output):
+        storage.check(output, "--output", write=True)
+        out = output.rstrip("/")
+    else:
+        local = Path(output).expanduser()
+        if local.exists() and not local.is_dir():
+            raise InputError(f"output {output}: exists and is not a folder")
+        local.mkdir(parents=True, exist_ok=True)
+        out = str(local)
+    with console.log_to(storage.join(out, LOG_DIR, f"score-{time.strftime('%Y%m%d-%H%M%S')}.log")) as log_path:
         job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite, outputs, runtime)
         pin = job["model"]
         with tempfile.TemporaryDirectory(prefix="vitray-score-meta-") as tmp:
@@ -263,7 +276,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
             meta, digest = read_export_meta(folder), _export_digest(folder)
         if not pin.get("digest"):  # first run: the weights this output is scored with
             pin["digest"] = digest
-            _write_json(out / JOB_FILE, job)
+            _write_json(storage.join(out, JOB_FILE), job)
         elif pin["digest"] != digest:
             raise InputError(f"model {pin['uri']} is not the model this output was started with (its files changed); "
                              "use a new output folder or --overwrite")
@@ -284,9 +297,13 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
         device_precision = (precision if use_gpu and precision == "auto"
                             else resolve_precision(precision, "cpu", runtime))
-        for stale in out.glob(".part-*.tmp"):
-            stale.unlink()  # a unit being written when an earlier run died
-        done = {f.name[len("part-"):-len(".parquet")] for f in out.glob("part-*.parquet")}
+        # a unit being written when an earlier run died: never read, cleared here
+        if storage.is_uri(out):
+            storage.delete_tmp(out)
+        else:
+            for stale in Path(out).glob(".part-*.tmp"):
+                stale.unlink()
+        done = {storage.basename(f)[len("part-"):-len(".parquet")] for f in _parts(out)}
         pending = [u for u in inp.units if u.key not in done]
         print(f"[vitray] scoring {inp.rows:,} images in {len(inp.units)} units from {inp.root} ({inp.format}); "
               f"{len(inp.units) - len(pending)} units already done; model {pin['uri']} ({device_precision})", flush=True)
@@ -300,7 +317,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
                                      resource_wait_s=resource_wait_s, stall_timeout_s=stall_timeout_s)
         seconds = time.time() - t0
         rows, errors = _count_output(out)
-        summary = ScoreSummary(str(out), rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
+        summary = ScoreSummary(out, rows, errors, len(inp.units), len(inp.units) - len(pending), rows_now,
                                round(seconds, 2), round(rows_now / seconds, 2) if rows_now and seconds > 0 else 0.0,
                                pin["source"], pin.get("version"), device_precision, inp.format, inp.fingerprint,
                                runtime=runtime)
@@ -310,7 +327,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         if log_path is not None:
             print(f"[vitray] log of this job: {log_path}", flush=True)  # before the upload: the log names itself
         summary.mlflow_run_id = _track(summary, tracking_cfg, tracking_uri, batch_size, concurrency, top_k, log_path)
-        _write_json(out / SUMMARY_FILE, asdict(summary))
+        _write_json(storage.join(out, SUMMARY_FILE), asdict(summary))
         if rows and errors > rows * MAX_ERROR_SHARE:
             raise ScoreError(f"{errors:,} of {rows:,} rows are errors (e.g. {_first_error(out)}): the input is not "
                              f"what this model reads; the rows are in {out}")
@@ -324,18 +341,17 @@ class ScoreError(RuntimeError):
     """The job ran but its output is not usable (most rows are errors)."""
 
 
-def _first_error(out: Path) -> str:
+def _first_error(out: str) -> str:
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    for f in sorted(out.glob("part-*.parquet")):
-        errors = pc.drop_null(pq.read_table(f, columns=["error"]).column("error"))
+    for f in _parts(out):
+        errors = pc.drop_null(_read_errors(f).column("error"))
         if len(errors):
             return str(errors[0])[:200]
     return "?"
 
 
-def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str, out: Path, *, batch_size: int,
+def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str, out: str, *, batch_size: int,
                   concurrency: int, use_gpu: bool, precision: str, head, options: dict, cpus_per_actor: float,
                   max_pixels: int, address: str | None, resource_wait_s: float = 0.0,
                   stall_timeout_s: float = 300.0) -> int:
@@ -349,8 +365,8 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
     ctx = saved_order = saved_bars = None
     if not ray.is_initialized():
         # the workers' output comes to the driver: into this job's log file (vitray.console), not the console
-        if address:
-            ray.init(address=address, log_to_driver=True)
+        if address:  # object storage credentials and endpoint reach the workers (a local Ray inherits them)
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage.forwarded_env()})
         else:  # a local Ray: the actor's threads and the decode tasks share the cores, as in training
             cores = os.cpu_count() or 1
             ray.init(num_cpus=cores + max(2, int(cpus_per_actor * concurrency)), include_dashboard=False,
@@ -415,7 +431,7 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
 
 
 def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: int, concurrency: int,
-           top_k: int, log_path: Path | None = None) -> str | None:
+           top_k: int, log_path: str | None = None) -> str | None:
     """An MLflow run recording which model version scored which data; a tracking failure is a warning."""
     if not tracking_cfg.enabled:
         return None
@@ -427,8 +443,8 @@ def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: i
 
         check_reachable(tracking_uri, tracking_cfg.connect_timeout_s)
         client = client_for(tracking_uri)
-        exp = ensure_experiment(client, tracking_cfg.experiment, tracking_uri)
-        run = client.create_run(exp, run_name=f"score-{Path(summary.output).name}", tags={
+        exp = ensure_experiment(client, tracking_cfg.experiment, tracking_uri, tracking_cfg.artifact_location)
+        run = client.create_run(exp, run_name=f"score-{storage.basename(summary.output)}", tags={
             "vitray.source": "vitray score", "vitray.model_uri": summary.model_uri,
             "vitray.model_version": str(summary.model_version), "vitray.input_fingerprint": summary.input_fingerprint,
             "vitray.output": summary.output})
@@ -444,9 +460,9 @@ def _track(summary: ScoreSummary, tracking_cfg, tracking_uri: str, batch_size: i
                          params=[Param(k, str(v)) for k, v in params.items()],
                          tags=[RunTag("vitray.units", str(summary.units))])
         client.log_dict(run.info.run_id, asdict(summary), "score_summary.json")
-        if log_path is not None:
+        if console.local_log(log_path) is not None:
             console.drain()
-            client.log_artifact(run.info.run_id, str(log_path), "logs")
+            client.log_artifact(run.info.run_id, str(console.local_log(log_path)), "logs")
         client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
     except Exception as err:  # noqa: BLE001 - the predictions are on disk either way

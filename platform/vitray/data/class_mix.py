@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+
+from vitray import storage
 
 __all__ = ["ShardMix", "shard_mixes", "mix_warning", "distance", "noise_limit", "MIN_LIMIT"]
 
@@ -57,7 +58,7 @@ def noise_limit(n: int, reference: dict) -> float | None:
     return limit if limit <= 0.5 else None
 
 
-def _counts_from_file(path: Path, task: str, class_names: list[str]) -> dict[str, int] | None:
+def _counts_from_file(path: str, task: str, class_names: list[str]) -> dict[str, int] | None:
     import pyarrow.parquet as pq
 
     from vitray.tasks import TaskError, get_task
@@ -67,7 +68,7 @@ def _counts_from_file(path: Path, task: str, class_names: list[str]) -> dict[str
     except TaskError:
         return None
     try:
-        if column is None or column not in pq.ParquetFile(path).schema_arrow.names:
+        if column is None or column not in pq.read_schema(path).names:
             return None
         values = pq.read_table(path, columns=[column]).column(column)
     except Exception:  # noqa: BLE001 - unreadable here (remote path, damaged file): not judged; verify reports damage
@@ -82,10 +83,9 @@ def shard_mixes(folder: str, manifest=None) -> list[ShardMix]:
     """Every shard of a packed dataset with its class mix and its distance to its split's."""
     from .formats import Manifest
 
-    root = Path(folder).expanduser()
-    m = manifest or Manifest.read(root)
+    m = manifest or Manifest.read(folder)
     counts = {s.file: s.class_counts if s.class_counts is not None
-              else _counts_from_file(root / s.file, m.task, m.class_names) for s in m.shards}
+              else _counts_from_file(storage.join(folder, s.file), m.task, m.class_names) for s in m.shards}
     return _judge([(s.file, s.split, s.rows, counts[s.file]) for s in m.shards])
 
 
@@ -94,8 +94,8 @@ def file_mixes(files: dict[str, list[str]], task: str, class_names: list[str]) -
     items = []
     for split, paths in files.items():
         for p in paths:
-            c = _counts_from_file(Path(p), task, class_names)
-            items.append((Path(p).name, split, sum(c.values()) if c else 0, c))
+            c = _counts_from_file(p, task, class_names)
+            items.append((storage.basename(p), split, sum(c.values()) if c else 0, c))
     return _judge(items)
 
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
+
+from vitray import storage
 
 __all__ = [
     "FORMAT_VERSION", "MANIFEST", "IGNORE_INDEX", "ShardInfo", "Manifest", "schema_for", "sha256_file",
@@ -85,21 +86,26 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     # ------------------------------------------------------------------ io
-    def write(self, folder: str | os.PathLike) -> Path:
-        path = Path(folder) / MANIFEST
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)  # a reader never sees half a manifest
+    def write(self, folder: str | os.PathLike) -> str:
+        """``manifest.json`` in ``folder`` (a local folder or an object store prefix), written atomically: a reader
+        never sees half a manifest."""
+        path = storage.join(folder, MANIFEST)
+        storage.write_text(path, json.dumps(asdict(self), indent=1))
         return path
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "Manifest":
-        folder = Path(folder).expanduser()
-        path = folder / MANIFEST if folder.is_dir() or not folder.suffix else folder
-        if not path.is_file():
-            raise ManifestError(f"no {MANIFEST} in {folder} (pack the data first: vitray data pack SRC {folder} --format ...)")
+        folder = str(folder)
+        path = folder if folder.endswith(".json") else storage.join(folder, MANIFEST)
         try:
-            data = json.loads(path.read_text())
+            text = storage.read_text(path)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ManifestError(f"no {MANIFEST} in {storage.display(folder)} (pack the data first: vitray data pack "
+                                f"SRC {folder} --format ...)") from None
+        except OSError as err:
+            raise ManifestError(f"{path}: cannot be read ({err})") from None
+        try:
+            data = json.loads(text)
             data["shards"] = [ShardInfo(**s) for s in data.get("shards", [])]
             manifest = cls(**data)
         except (ValueError, TypeError) as err:
@@ -110,7 +116,7 @@ class Manifest:
 
     # -------------------------------------------------------------- queries
     def files(self, folder: str | os.PathLike, split: str) -> list[str]:
-        return [str(Path(folder).expanduser() / s.file) for s in self.shards if s.split == split and s.rows > 0]
+        return [storage.join(folder, s.file) for s in self.shards if s.split == split and s.rows > 0]
 
     @property
     def splits(self) -> list[str]:

@@ -1,12 +1,12 @@
 """``vitray data inspect``: what a packed dataset holds, and whether its shards are intact."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pyarrow.parquet as pq
 
+from vitray import storage
+
 from .class_mix import mix_warning, shard_mixes
-from .formats import Manifest, sha256_file
+from .formats import Manifest
 
 __all__ = ["summarize", "verify"]
 
@@ -14,7 +14,7 @@ __all__ = ["summarize", "verify"]
 def summarize(folder: str) -> str:
     m = Manifest.read(folder)
     classes = f"{m.num_classes} classes" if m.class_names else "unlabeled"
-    lines = [f"{Path(folder).expanduser()}: task {m.task}, {classes}, format v{m.format_version}, "
+    lines = [f"{storage.display(folder)}: task {m.task}, {classes}, format v{m.format_version}, "
              f"source {m.source.get('format')} {m.source.get('path', '')}"]
     total_bytes = sum(s.bytes for s in m.shards)
     lines.append(f"images: {sum(m.counts.values()):,} in {len(m.shards)} shards, {total_bytes / 2**20:,.1f} MiB")
@@ -60,26 +60,28 @@ def summarize(folder: str) -> str:
 
 
 def verify(folder: str) -> list[str]:
-    """Every shard's sha256 and row count against the manifest; returns the problems (empty: intact)."""
-    root = Path(folder).expanduser()
-    m = Manifest.read(root)
+    """Every shard's sha256 and row count against the manifest; returns the problems (empty: intact). ``folder`` is a
+    local folder or an object store prefix."""
+    m = Manifest.read(folder)
     problems = []
+    present = {storage.basename(p) for p, _ in storage.list_files(folder)}
     for s in m.shards:
-        path = root / s.file
-        if not path.is_file():
+        path = storage.join(folder, s.file)
+        if s.file not in present:
             problems.append(f"{s.file}: missing")
             continue
-        digest = sha256_file(path)
+        digest = storage.sha256_of(path)
         if digest != s.sha256:
             problems.append(f"{s.file}: sha256 {digest[:12]}... != manifest {s.sha256[:12]}...")
         try:
-            rows = pq.ParquetFile(path).metadata.num_rows
+            with storage.open_input(path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
         except Exception as err:  # noqa: BLE001 - a damaged footer is a finding, not a crash
             problems.append(f"{s.file}: not a readable Parquet file ({err})")
             continue
         if rows != s.rows:
             problems.append(f"{s.file}: {rows} rows != manifest {s.rows}")
     listed = {s.file for s in m.shards}
-    for extra in sorted(p.name for p in root.glob("*.parquet") if p.name not in listed):
+    for extra in sorted(n for n in present if n.endswith(".parquet") and n not in listed):
         problems.append(f"{extra}: shard not in the manifest")
     return problems

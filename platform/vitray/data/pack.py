@@ -14,11 +14,13 @@ memory and written out as shards; B is sized from the source so that one bucket 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import pickle
 import random
 import shutil
+import tempfile
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +29,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vitray import console
+from vitray import console, storage
 from vitray.config import MAX_PIXELS
 
 from .decode import DecodeError, decode_mask, probe_image
-from .formats import MANIFEST, Manifest, ShardInfo, schema_for, sha256_file, split_of
+from .formats import MANIFEST, Manifest, ShardInfo, schema_for, split_of
 from .sources import Sample, Skipped, SourceError, open_source
 
 LOG_DIR = "_logs"  # `vitray data pack` writes its log here (vitray.console)
@@ -47,7 +49,11 @@ class PackError(SourceError):
 
 
 class _ShardWriter:
-    def __init__(self, out: Path, split: str, schema: pa.Schema, shard_rows: int, shard_bytes: int):
+    """One split's shards: rows are gathered until a shard is full, then the shard is written to memory, hashed,
+    and stored under its name in one atomic write (a local rename, or an object store upload: ``vitray.storage``),
+    so the sha256 costs no second read and a reader never sees a partial shard."""
+
+    def __init__(self, out: str, split: str, schema: pa.Schema, shard_rows: int, shard_bytes: int):
         self.out, self.split, self.schema = out, split, schema
         self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
         self.rows: list[dict] = []
@@ -68,11 +74,12 @@ class _ShardWriter:
             return
         name = f"{self.split}-{len(self.shards):05d}.parquet"
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        tmp = self.out / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="none", row_group_size=len(self.rows))  # images are compressed already
-        os.replace(tmp, self.out / name)
-        self.shards.append(ShardInfo(name, self.split, len(self.rows), (self.out / name).stat().st_size,
-                                     sha256_file(self.out / name)))
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="none", row_group_size=len(self.rows))  # images are compressed already
+        data = sink.getvalue()
+        storage.write_bytes(storage.join(self.out, name), data)
+        self.shards.append(ShardInfo(name, self.split, len(self.rows), data.size,
+                                     hashlib.sha256(memoryview(data)).hexdigest()))
         self.shard_classes.append(self.classes)
         self.rows, self.nbytes, self.classes = [], 0, Counter()
 
@@ -140,20 +147,38 @@ def _probe(sample: Sample, max_pixels: int) -> tuple[Sample, tuple[int, int] | s
         return sample, str(err)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
+def _is_pack_file(name: str) -> bool:
+    return name == MANIFEST or name.endswith(".parquet") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+    if storage.is_uri(out):
+        storage.check(out, "output", write=True)
+        found = [p for p, _ in storage.list_files(out, recursive=True)]
+        if found and not overwrite:
+            raise PackError(f"{out}: not empty; pass --overwrite to replace it (two datasets are never mixed)")
+        rel = [p[len(out.rstrip("/")) + 1:] for p in found]
+        others = [r for r in rel if not (_is_pack_file(r) and "/" not in r) and r.split("/", 1)[0] != LOG_DIR]
+        if others:
+            raise PackError(f"{out}: holds objects that are not shards (e.g. {others[0]}); choose an empty prefix")
+        for p in found:  # only what a pack writes: never a user's other objects
+            storage.delete(p)
+        storage.delete_tmp(out)
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
         raise PackError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise PackError(f"{out}: not empty; pass --overwrite to replace it (two datasets are never mixed)")
-        for p in out.iterdir():  # only what a pack writes: never a user's other files
-            if p.name == MANIFEST or p.suffix == ".parquet" or p.name.endswith(".parquet.tmp"):
+        for p in path.iterdir():  # only what a pack writes: never a user's other files
+            if _is_pack_file(p.name):
                 p.unlink()
             elif p.is_dir() and p.name in ("_pack_tmp", LOG_DIR):
                 shutil.rmtree(p)
-        if any(out.iterdir()):
+        if any(path.iterdir()):
             raise PackError(f"{out}: holds files that are not shards; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fraction: float = 0.0,
@@ -165,7 +190,7 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
     if shard_rows <= 0 or shard_bytes <= 0:
         raise PackError("--shard-rows and --shard-bytes must be positive")
     source = open_source(fmt, src, task=task, images=images, masks_dir=masks_dir)
-    out_path = Path(out).expanduser()
+    out_path = out if storage.is_uri(out) else str(Path(out).expanduser())
     _prepare_out(out_path, overwrite)
     schema = schema_for(source.task)
     from vitray.tasks import get_task
@@ -186,7 +211,10 @@ def pack(src: str, out: str, fmt: str, *, val_fraction: float = 0.1, test_fracti
         method = "listing"
     elif shuffle:
         buckets = max(1, min(MAX_SPILL_BUCKETS, math.ceil(source.size_hint / SPILL_BUCKET_BYTES)))
-        spill = _Spill(out_path / "_pack_tmp", buckets, rng)
+        # the spill is local scratch space (a temp folder when the output is an object store)
+        scratch = Path(tempfile.mkdtemp(prefix="vitray-pack-")) if storage.is_uri(out_path) \
+            else Path(out_path) / "_pack_tmp"
+        spill = _Spill(scratch, buckets, rng)
         method = f"external ({buckets} bucket{'s' if buckets > 1 else ''})"
     else:
         method = "source order"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vitray import storage
+
 from .decode import DecodeError, decode_image
 from .formats import Manifest, split_of
 from .sources import IMAGE_EXTS, SPLIT_NAMES
@@ -140,27 +142,38 @@ def dataset_spec(data_cfg, val_fraction: float = 0.1) -> DatasetSpec:
     """Describe ``data.path`` for ``data.format`` without reading any pixels."""
     if not data_cfg.path:
         raise ValueError("data.path is not set (a folder of packed shards, or a raw source with data.format)")
-    root = Path(data_cfg.path).expanduser()
+    path = str(data_cfg.path)
     fmt = data_cfg.format
     if fmt == "shards":
-        m = Manifest.read(root)
+        m = Manifest.read(path)
         nbytes = {s: sum(x.bytes for x in m.shards if x.split == s) for s in m.splits}
-        return DatasetSpec(m.task, m.class_names, {s: m.files(root, s) for s in m.splits}, dict(m.counts),
+        return DatasetSpec(m.task, m.class_names, {s: m.files(path, s) for s in m.splits}, dict(m.counts),
                            m.fingerprint(), "shards", nbytes, m.source.get("category_ids"))
     if fmt == "imagefolder":
-        return _imagefolder_spec(root, val_fraction)[0]
-    pattern = "*.tar" if fmt == "webdataset" else "*.parquet"
-    found = sorted(str(p) for p in (root.glob(pattern) if root.is_dir() else [root]))
-    if not found:
-        raise ValueError(f"data.path {root}: no {pattern} files")
+        if storage.is_uri(path):
+            raise ValueError(f"data.path {path}: an image folder is read from a local or shared folder; pack it into "
+                             "shards (vitray data pack SRC s3://.../shards --format imagefolder) to read it from "
+                             "object storage")
+        return _imagefolder_spec(Path(path).expanduser(), val_fraction)[0]
+    suffix = ".tar" if fmt == "webdataset" else ".parquet"
+    if storage.is_dir(path):
+        listed = [(p, n) for p, n in storage.list_files(path) if p.endswith(suffix)]
+        names_file = storage.join(path, "classes.txt")
+    else:
+        listed = [(storage.display(path), storage.size(path))] if storage.is_file(path) else []
+        names_file = storage.join(path.rsplit("/", 1)[0] if storage.is_uri(path) else str(Path(path).expanduser().parent),
+                                  "classes.txt")
+    if not listed:
+        raise ValueError(f"data.path {path}: no *{suffix} files")
     files: dict[str, list[str]] = {}
-    for f in found:
-        split = next((s for s in SPLIT_NAMES if Path(f).name.startswith(s)), "train")
+    sizes: dict[str, int] = {}
+    for f, n in listed:
+        split = next((s for s in SPLIT_NAMES if storage.basename(f).startswith(s)), "train")
         files.setdefault(split, []).append(f)
-    names_file = (root if root.is_dir() else root.parent) / "classes.txt"
-    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()] if names_file.is_file() else []
-    nbytes = {s: sum(Path(f).stat().st_size for f in fs) for s, fs in files.items()} if fmt == "parquet" else None
-    return DatasetSpec("classification", names, files, {}, format=fmt, nbytes=nbytes)
+        sizes[split] = sizes.get(split, 0) + n
+    names = [line.strip() for line in storage.read_text(names_file).splitlines() if line.strip()] \
+        if storage.is_file(names_file) else []
+    return DatasetSpec("classification", names, files, {}, format=fmt, nbytes=sizes if fmt == "parquet" else None)
 
 
 # Read blocks of ~16 MB, decoded 128 rows per call: a 256 MB shard read as one block would be decoded by a single

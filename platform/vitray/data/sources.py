@@ -11,6 +11,7 @@ probes them (in parallel) and writes them unchanged. Two kinds, for the packer's
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -281,8 +282,16 @@ def masks(src: Path, mask_dir: Path | None) -> Source:
 # ---------------------------------------------------------------------------------------------- webdataset
 def tar_samples(tar_path: Path, read: bool = True):
     """(key, {ext: bytes, or the TarInfo when not ``read``}) per WebDataset sample of a tar, in order, in one
-    streaming pass (members of a sample are consecutive and share the name up to the first dot)."""
-    with tarfile.open(tar_path, "r|*") as tf:
+    streaming pass (members of a sample are consecutive and share the name up to the first dot). ``tar_path``: a
+    local path or an object store URI (streamed, never downloaded whole)."""
+    from vitray import storage
+
+    with contextlib.ExitStack() as stack:
+        if storage.is_uri(str(tar_path)):
+            raw = stack.enter_context(storage.open_input(str(tar_path)))
+            tf = stack.enter_context(tarfile.open(fileobj=raw, mode="r|*"))
+        else:
+            tf = stack.enter_context(tarfile.open(tar_path, "r|*"))
         key, parts = None, {}
         for member in tf:
             if not member.isfile():

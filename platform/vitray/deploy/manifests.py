@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
                         "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
     "env": {},
     "storage": {"enabled": True, "existingClaim": "", "mountPath": "/mnt/vitray"},
+    "objectStorage": {"existingSecret": "", "endpoint": ""},
     "mlflow": {"enabled": True, "externalUri": "", "port": 5000},
     "head": {"rayStartParams": {}},
     "autoscaling": {"enabled": True, "idleTimeoutSeconds": 60,
@@ -96,8 +97,16 @@ def _env(values: dict, release: str) -> list[dict]:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": uri})
     if values["storage"]["enabled"]:
         env.append({"name": "VITRAY_HOME", "value": values["storage"]["mountPath"]})
+    if values["objectStorage"]["endpoint"]:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": values["objectStorage"]["endpoint"]})
     env += [{"name": k, "value": str(v)} for k, v in sorted(values["env"].items())]
     return env
+
+
+def _env_from(values: dict) -> list[dict]:
+    """Object storage credentials: an existing Secret, every key as an environment variable (never in values)."""
+    secret = values["objectStorage"]["existingSecret"]
+    return [{"secretRef": {"name": secret}}] if secret else []
 
 
 def _mounts_and_volumes(values: dict, release: str, config_map: str | None):
@@ -142,6 +151,9 @@ def ray_cluster_spec(values: dict, release: str, component: str, config_map: str
             "securityContext": copy.deepcopy(values["securityContext"])}
     if env:
         head["env"] = copy.deepcopy(env)
+    env_from = _env_from(values)
+    if env_from:
+        head["envFrom"] = copy.deepcopy(env_from)
     head["volumeMounts"] = head_mounts
     spec: dict[str, Any] = {"rayVersion": values["rayVersion"]}
     auto = values["autoscaling"]
@@ -165,6 +177,8 @@ def ray_cluster_spec(values: dict, release: str, component: str, config_map: str
                      "securityContext": copy.deepcopy(values["securityContext"])}
         if env:
             container["env"] = copy.deepcopy(env)
+        if env_from:
+            container["envFrom"] = copy.deepcopy(env_from)
         container["volumeMounts"] = mounts
         extra = {}
         if g.get("nodeSelector"):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from vitray import storage
 from vitray.config import ConfigError, RunConfig
 
 __all__ = ["JobsError", "DEFAULT_ADDRESS", "TERMINAL", "job_address", "auth_token", "connect", "submit",
@@ -118,6 +119,7 @@ class SubmitResult:
     submission_id: str
     address: str
     workload: str
+    forwarded: tuple[str, ...] = ()  # object storage variables handed to the job (names only: values never shown)
 
 
 def _package_dir() -> Path:
@@ -147,6 +149,9 @@ def submit(cfg: RunConfig, workload: str, *, address: str | None = None, token_f
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and not cfg.tracking.uri:
         env_vars.setdefault("MLFLOW_TRACKING_URI", uri)
+    forwarded = storage.forwarded_env()  # credentials and endpoints for s3:// and gs:// paths, as set here
+    for key, value in forwarded.items():
+        env_vars.setdefault(key, value)
     submission_id = submission_id or f"vitray-{workload}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     with tempfile.TemporaryDirectory(prefix="vitray-submit-") as tmp:
         workdir = stage(cfg, workload, Path(tmp) / "job")
@@ -161,7 +166,7 @@ def submit(cfg: RunConfig, workload: str, *, address: str | None = None, token_f
         call(lambda: client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
                                        submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus),
              address)
-    return SubmitResult(submission_id, address, workload)
+    return SubmitResult(submission_id, address, workload, tuple(sorted(forwarded)))
 
 
 def follow_logs(client, submission_id: str, out=sys.stdout) -> None:

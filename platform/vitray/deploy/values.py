@@ -119,6 +119,7 @@ def chart_values(cfg: RunConfig, workload: str | None = None, tracking_uri: str 
         "env": dict(k.env),
         "storage": {"enabled": k.shared_storage, "existingClaim": k.storage_claim or "",
                     "mountPath": k.storage_mount},
+        "objectStorage": {"existingSecret": k.object_storage_secret or "", "endpoint": k.object_storage_endpoint or ""},
         "mlflow": {"enabled": k.mlflow_uri is None, "externalUri": k.mlflow_uri or ""},
         "head": {"resources": {"requests": {"cpu": k.head_cpu, "memory": k.head_memory},
                                "limits": {"cpu": k.head_cpu, "memory": k.head_memory}}},

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from vitray import storage
+
 from .runs import RUN_NAME_TAG, TrackingError, check_reachable, ensure_experiment
 from .uris import client_for, default_tracking_uri, tracking_scope
 
@@ -51,15 +53,9 @@ def _pip_requirements() -> list[str]:
 
 def _local_export(export_dir: str, tmp: str) -> Path:
     """The export folder on this machine (copied down when the run storage is remote, e.g. s3://)."""
-    if "://" not in export_dir:
+    if not storage.is_uri(export_dir):
         return Path(export_dir).expanduser()
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(export_dir)
-    dest = Path(tmp) / "export"
-    dest.mkdir()
-    pafs.copy_files(path, str(dest), source_filesystem=fs)
-    return dest
+    return storage.download_dir(export_dir, Path(tmp) / "export")
 
 
 def _example_png(img_size: int) -> bytes:
@@ -154,7 +150,7 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
                 except MlflowException:
                     run_id = None
             if run_id is None:
-                exp_id = ensure_experiment(client, tracking_cfg.experiment, uri)
+                exp_id = ensure_experiment(client, tracking_cfg.experiment, uri, tracking_cfg.artifact_location)
                 run_name = f"register-{meta['model']['name']}"
                 run_id = client.create_run(exp_id, run_name=run_name, tags={
                     "vitray.source": "vitray models register", "vitray.export_dir": str(export_dir)}).info.run_id

@@ -89,13 +89,15 @@ def artifact_location_for(uri: str) -> str | None:
     return None
 
 
-def ensure_experiment(client, name: str, uri: str) -> str:
+def ensure_experiment(client, name: str, uri: str, artifact_location: str | None = None) -> str:
+    """The experiment's id, created when missing: its artifacts in ``artifact_location`` (``tracking.
+    artifact_location``, e.g. ``s3://bucket/mlflow``) or the store's default. An existing experiment keeps its own."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location_for(uri))
+    return client.create_experiment(name, artifact_location=artifact_location or artifact_location_for(uri))
 
 
 def flatten_params(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -132,7 +134,7 @@ def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None, r
     client = client_for(uri)
     try:
         with bounded_http(retries=2, timeout_s=tracking_cfg.connect_timeout_s):
-            exp_id = ensure_experiment(client, tracking_cfg.experiment, uri)
+            exp_id = ensure_experiment(client, tracking_cfg.experiment, uri, tracking_cfg.artifact_location)
             found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                        max_results=1, order_by=["attributes.start_time DESC"]) if reuse else []
             if found:
@@ -147,11 +149,14 @@ def start_run(tracking_cfg, run_name: str, tags: dict[str, str] | None = None, r
 
 def log_artifact_file(run: TrackedRun | None, path, artifact_path: str) -> bool:
     """Upload one file (a run's log) into the run's artifacts; a failure is a warning: the file stays on disk."""
-    if run is None or path is None or not Path(path).is_file():
+    from vitray.console import local_log
+
+    local = local_log(path)
+    if run is None or local is None:
         return False
     try:
         with bounded_http():
-            client_for(run.tracking_uri).log_artifact(run.run_id, str(path), artifact_path)
+            client_for(run.tracking_uri).log_artifact(run.run_id, str(local), artifact_path)
         return True
     except Exception as err:  # noqa: BLE001
         print(f"[vitray] warning: could not upload {path} to MLflow run {run.run_id}: "

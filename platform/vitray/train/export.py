@@ -1,12 +1,12 @@
 """End of training: gather consolidated fp32 weights from the DeepSpeed engine and write the export folder."""
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from vitray import storage
 from vitray.config import dump_config
 from vitray.models.export import save_export
 
@@ -57,15 +57,5 @@ def write_export(export_dir: str, state: dict, cfg, class_names: list[str], metr
         save_export(tmp, state, model=model, task=cfg.train.task, class_names=class_names,
                     preprocessing=preprocessing_of(cfg, img_size), metrics=metrics, extra=extra)
         dump_config(cfg, Path(tmp) / "config.yaml")
-        if "://" in export_dir:
-            import pyarrow.fs as pafs
-
-            fs, path = pafs.FileSystem.from_uri(export_dir)
-            fs.create_dir(path, recursive=True)
-            pafs.copy_files(tmp, path, destination_filesystem=fs)
-        else:
-            dest = Path(export_dir).expanduser()
-            if dest.exists():
-                shutil.rmtree(dest)
-            shutil.copytree(tmp, dest)
+        storage.upload_dir(tmp, export_dir)
     return export_dir

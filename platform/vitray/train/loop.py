@@ -217,12 +217,17 @@ class _Worker:
         self.logger.flush()
 
     def _local_weights(self, key: str) -> str | None:
-        """The driver resolved a models:/ URI into its own folder; a worker on another node downloads it again."""
+        """The driver resolved a models:/ URI (or fetched an object store one) into its own folder; a worker on
+        another node fetches it again."""
         path, uri = self.loop_cfg.get(key), self.loop_cfg.get(f"{key}_uri")
         if not path or Path(path).exists() or not uri:
             return path
+        from vitray import storage
+        from vitray.config import is_model_uri
         from vitray.tracking.uris import resolve_model_uri
 
+        if not is_model_uri(uri):
+            return storage.local_copy(uri, key)
         return str(resolve_model_uri(uri, self.cfg.tracking.uri))
 
     def _restore(self, meta: dict) -> None:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitray import console
+from vitray import console, storage
 from vitray.config import RunConfig, check_config, dump_config, vitray_home
 
 __all__ = ["TrainResult", "run_training", "init_ray", "storage_root"]
@@ -42,7 +42,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    # object storage credentials and endpoint reach the workers of an existing cluster (a local Ray inherits them)
+    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", **storage.forwarded_env()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
@@ -70,16 +71,27 @@ def _local_cpus(cfg: RunConfig) -> int:
 
 def _resolve_weights(uri: str | None, field: str, tracking_uri: str | None) -> str | None:
     """A local weights path as is; a models:/ or runs:/ URI downloaded from the MLflow registry to an export folder."""
+    from vitray import storage
     from vitray.config import ConfigError, is_model_uri
 
-    if not uri or not is_model_uri(uri):
+    if not uri:
         return uri
+    if not is_model_uri(uri):
+        return storage.local_copy(uri, field)
     from vitray.tracking.uris import resolve_model_uri
 
     try:
         return str(resolve_model_uri(uri, tracking_uri))
     except ConfigError as err:
         raise ConfigError(f"{field}: {err}") from None
+
+
+def _has_checkpoints(run_dir: str) -> bool:
+    """Ray Train will restore this run name from its checkpoints (a local folder or an object store prefix)."""
+    if not storage.is_uri(run_dir):
+        return any(Path(run_dir).glob("checkpoint_*"))
+    return any(storage.basename(p).startswith("checkpoint_") or "/checkpoint_" in p
+               for p, _ in storage.list_files(run_dir, recursive=True))
 
 
 def _tracking_tags(cfg: RunConfig, spec, run_dir: str, export_dir: str) -> dict[str, str]:
@@ -97,11 +109,9 @@ def _tracking_tags(cfg: RunConfig, spec, run_dir: str, export_dir: str) -> dict[
         tags["vitray.git_commit"] = tags["mlflow.source.git.commit"] = commit
     if spec.fingerprint:
         tags["vitray.data.fingerprint"] = spec.fingerprint
-    manifest = Path(str(cfg.data.path)).expanduser() / "manifest.json"
-    if cfg.data.format == "shards" and manifest.is_file():
-        from vitray.data.formats import sha256_file
-
-        tags["vitray.data.manifest_sha256"] = sha256_file(manifest)
+    manifest = storage.join(str(cfg.data.path), "manifest.json")
+    if cfg.data.format == "shards" and storage.is_file(manifest):
+        tags["vitray.data.manifest_sha256"] = storage.sha256_of(manifest)
     try:  # `ray job submit`: the submission id the user sees in `ray job list`
         job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
         sub = (job.get("metadata") or {}).get("job_submission_id")
@@ -121,7 +131,8 @@ def _example_image(spec) -> bytes | None:
     for files in spec.files.values():
         for f in files:
             try:
-                col = pq.ParquetFile(f).read_row_group(0, columns=["image"]).column("image")
+                with storage.open_input(f) as fh:
+                    col = pq.ParquetFile(fh).read_row_group(0, columns=["image"]).column("image")
                 if len(col):
                     return col[0].as_py()
             except Exception:  # noqa: BLE001 - an example is a nicety
@@ -284,10 +295,10 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         _warn_class_mix(cfg, spec)
     img_size = cfg.model.img_size or default_img_size(cfg.model.name)
     run_name = resume or cfg.cluster.run_name or f"{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = storage_root(cfg)
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
-    run_dir = f"{storage.rstrip('/')}/{run_name}"
+    root = storage_root(cfg)
+    if not storage.is_uri(root):
+        root = str(Path(root).expanduser().resolve())
+    run_dir = storage.join(root, run_name)
     export_dir = f"{run_dir}/export"
     tracked, tags = None, {}
     if cfg.tracking.enabled:  # before any cluster work: an unreachable server fails the command in seconds
@@ -296,8 +307,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         tags = _tracking_tags(cfg, spec, run_dir, export_dir)
         # continue the MLflow run only when the training itself continues (--resume, or Ray Train restoring the
         # checkpoints of this run name); a fresh run that reuses a run name gets a fresh MLflow run
-        continuing = resume is not None or resume_from_checkpoint is not None or (
-            "://" not in run_dir and any(Path(run_dir).glob("checkpoint_*")))
+        continuing = resume is not None or resume_from_checkpoint is not None or _has_checkpoints(run_dir)
         tracked = start_run(cfg.tracking, run_name, tags, reuse=continuing)
         print(f"[vitray] MLflow run {tracked.run_id} ({'resumed' if tracked.resumed else 'new'}) in experiment "
               f"{cfg.tracking.experiment!r} at {tracked.tracking_uri}", flush=True)
@@ -308,8 +318,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     logs = contextlib.ExitStack()  # the run's log file: written to the end of the command's work for this run
     log_path = None
     try:
-        if "://" not in run_dir:
-            log_path = logs.enter_context(console.log_to(Path(run_dir) / "logs" / f"train-{time.strftime('%Y%m%d-%H%M%S')}.log"))
+        log_path = logs.enter_context(console.log_to(storage.join(run_dir, "logs",
+                                                                   f"train-{time.strftime('%Y%m%d-%H%M%S')}.log")))
         started = init_ray(address, None if address else _local_cpus(cfg))
         if tracked is not None and not tracked.tracking_uri.startswith(("http://", "https://", "databricks")):
             nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -325,11 +335,9 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         train_rows = spec.counts.get(cfg.data.train_split) or datasets["train"].count()
         _maybe_materialize_val(datasets, spec, cfg, img_size)
         plan = make_plan(cfg, train_rows)
-        if "://" not in storage:
-            Path(storage).mkdir(parents=True, exist_ok=True)
-        if "://" not in run_dir:
+        if not storage.is_uri(run_dir):
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, Path(run_dir) / "config.yaml")
+        storage.write_text(storage.join(run_dir, "config.yaml"), dump_config(cfg))
         print(f"[vitray] run {run_name}: {plan.train_rows:,} train images, {plan.epochs} epochs x {plan.steps_per_epoch} "
               f"steps = {plan.total_steps} optimizer steps; global batch {plan.global_batch} = {plan.micro_batch} x "
               f"accum {plan.grad_accum} x {plan.num_workers} workers; {plan.lr_rule}; ZeRO-{cfg.deepspeed.zero_stage} "
@@ -359,6 +367,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
                     "MLFLOW_TRACKING_URI", "VITRAY_HOME"):
             if key in os.environ:
                 env.setdefault(key, os.environ[key])
+        for key, value in storage.forwarded_env().items():  # object storage credentials and endpoint
+            env.setdefault(key, value)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_cfg,
@@ -369,7 +379,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             dataset_config=_data_config(cfg, cfg.data.cpus or (rplan.data_cpus if not cfg.cluster.resource_wait_s
                                                                 else None)),
             run_config=RayRunConfig(
-                name=run_name, storage_path=storage,
+                name=run_name, storage_path=root,
                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep,
                                                    checkpoint_score_attribute=score,
