@@ -5,9 +5,12 @@ The shards: scikit-learn's bundled digits as 224 px JPEGs (each digit upscaled, 
 once to a local folder and once into a bucket (the same bytes: same sha256). Measured, interleaved over rounds,
 the median reported:
 
-* ``read``: every shard read whole with ``pyarrow.parquet.read_table`` (what the driver's small-split path and each
-  Ray Data read task do), MB/s and rows/s;
-* ``verify``: ``vitray data inspect --verify``'s sha256 + footer check of every shard.
+* ``read``: every shard read whole (``vitray.data.formats.read_shard``, what the driver's small-split path does;
+  Ray Data's read tasks use their own Parquet reader), MB/s and rows/s;
+* ``verify``: ``vitray data inspect --verify``'s sha256 + footer check of every shard;
+* the server's ceiling: plain boto3 GETs of the same objects (moto is a Python server: what it can send bounds
+  every client);
+* for scale: the training pipeline's decode + augmentation rate per core, i.e. what a read path must keep up with.
 
 Usage: python benchmarks/storage_throughput.py [--images 4000] [--rounds 5]
 """
@@ -45,14 +48,31 @@ def _images(folder: Path, n: int) -> None:
 
 
 def _read_all(files: list[str]) -> tuple[int, int]:
-    import pyarrow.parquet as pq
+    from vitray.data.formats import read_shard
 
     rows = nbytes = 0
     for f in files:
-        t = pq.read_table(f)
+        t = read_shard(f)
         rows += t.num_rows
         nbytes += t.nbytes
     return rows, nbytes
+
+
+def _decode_rate(shard: str, rows: int = 256) -> float:
+    """Rows/s of the training pipeline's decode + augmentation on one core: what a read path has to keep up with."""
+    import pyarrow.parquet as pq
+
+    from vitray.config import DataConfig
+    from vitray.data.pipeline import decode_batch
+
+    data = DataConfig()
+    images = pq.read_table(shard, columns=["image", "label"]).slice(0, rows).to_pydict()
+    tr = {**data.train_transforms.model_dump(), "mean": tuple(data.mean)}
+    kw = dict(task="classification", train=True, img_size=224, transforms=tr, max_pixels=data.max_pixels)
+    decode_batch(images, **kw)  # warm
+    t0 = time.perf_counter()
+    decode_batch(images, **kw)
+    return rows / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -84,7 +104,11 @@ def main() -> None:
         files = {name: [f for split in m.splits for f in m.files(root, split)]
                  for name, root, m in (("local", local, Manifest.read(local)), ("s3", remote, Manifest.read(remote)))}
         _read_all(files["local"]), _read_all(files["s3"])  # warm: page cache, connections
-        times: dict[str, list[float]] = {"local read": [], "s3 read": [], "local verify": [], "s3 verify": []}
+        times: dict[str, list[float]] = {"local read": [], "s3 read": [], "local verify": [], "s3 verify": [],
+                                         "server GET": []}
+        import boto3
+
+        client = boto3.client("s3")
         rows = 0
         for _ in range(args.rounds):
             for name, root in (("local", local), ("s3", remote)):
@@ -94,7 +118,13 @@ def main() -> None:
                 t0 = time.perf_counter()
                 assert verify(root) == []
                 times[f"{name} verify"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # the server's own ceiling: plain GETs of the same objects, bytes discarded
+            for f in files["s3"]:
+                b, _, key = f[len("s3://"):].partition("/")
+                client.get_object(Bucket=b, Key=key)["Body"].read()
+            times["server GET"].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) for k, v in times.items()}
+        decode = _decode_rate(files["local"][0])
         print(f"shards: {len(m_local.shards)} files, {size / 2**20:.1f} MiB, {rows:,} images (224 px JPEG); "
               f"{args.rounds} interleaved rounds, medians; S3 = moto on 127.0.0.1")
         print(f"pack: local {pack_local:.2f} s, s3 {pack_remote:.2f} s (s3/local time x{pack_remote / pack_local:.2f})")
@@ -103,8 +133,13 @@ def main() -> None:
         for name in ("local", "s3"):
             print(f"| {name} | {size / 2**20 / med[f'{name} read']:,.0f} | {rows / med[f'{name} read']:,.0f} | "
                   f"{size / 2**20 / med[f'{name} verify']:,.0f} |")
+        print(f"| server ceiling (boto3 GETs of the same objects) | {size / 2**20 / med['server GET']:,.0f} | "
+              f"{rows / med['server GET']:,.0f} | - |")
         print(f"s3 / local throughput: read x{med['local read'] / med['s3 read']:.2f}, "
               f"verify x{med['local verify'] / med['s3 verify']:.2f}")
+        cores = os.cpu_count() or 1
+        print(f"decode + train transform (the pipeline's decode_batch, 224 px): {decode:,.0f} rows/s per core; "
+              f"s3 read / decode on all {cores} cores: x{rows / med['s3 read'] / (decode * cores):.1f}")
 
 
 if __name__ == "__main__":

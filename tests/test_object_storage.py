@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -47,7 +46,6 @@ def _cli(args: list[str], env: dict, timeout: float = 600) -> subprocess.Complet
 def test_pack_into_a_bucket_verifies_reads_back_and_catches_a_damaged_shard(s3_env, tmp_path):
     from vitray import storage
     from vitray.config import DataConfig
-    from vitray.data.formats import Manifest
     from vitray.data.inspection import summarize, verify
     from vitray.data.pack import PackError, pack
     from vitray.data.pipeline import dataset_spec
@@ -111,7 +109,7 @@ def test_bad_bucket_missing_credentials_and_wrong_endpoint_fail_in_one_line_befo
 
 
 @pytest.mark.slow
-def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3, tmp_path):
+def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3_env, tmp_path, monkeypatch):
     """The whole life of a model with nothing but caches on local disk: pack into the bucket -> train 2 workers
     with DeepSpeed checkpoints in the bucket -> a worker is killed -> Ray Train resumes from the bucket's checkpoint
     -> export to the bucket -> registered, MLflow artifacts in the bucket -> score the shards into the bucket -> the
@@ -120,10 +118,10 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3, 
 
     from vitray import storage
 
+    s3 = s3_env  # this process reads the bucket too, to check what the commands wrote
     home = tmp_path / "home"
-    env = {**os.environ, **s3.env, "VITRAY_HOME": str(home), "PYTHONWARNINGS": "ignore"}
-    for key, value in s3.env.items():  # this process reads the bucket to check what the commands wrote
-        os.environ[key] = value
+    monkeypatch.setenv("VITRAY_HOME", str(home))  # the commands' MLflow store (sqlite) is this home's
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     root = f"s3://{BUCKET}/e2e"
     src = tmp_path / "digits"
     good = make_digits_folder(src, bad=3)
@@ -158,13 +156,9 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3, 
     from vitray.tracking import default_tracking_uri
     from vitray.tracking.uris import client_for
 
-    os.environ["VITRAY_HOME"] = str(home)
-    try:
-        client = client_for(default_tracking_uri())
-        version = client.get_model_version_by_alias("digits-s3", "champion")
-        run = client.get_run(version.run_id)
-    finally:
-        del os.environ["VITRAY_HOME"]
+    client = client_for(default_tracking_uri())
+    version = client.get_model_version_by_alias("digits-s3", "champion")
+    run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"{root}/mlflow")
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert steps == set(range(1, max(steps) + 1)) and max(steps) >= 12  # no gap, through the end of the epoch

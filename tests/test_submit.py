@@ -101,6 +101,36 @@ def test_submit_wait_succeeds_with_epoch_lines_and_jobs_status_agrees(ray_head, 
     assert list((tmp_path / "runs").glob("*/export/model.safetensors")), "the job's run storage holds no export"
 
 
+def test_submit_forwards_object_storage_credentials_to_a_cluster_that_has_none(ray_head, tmp_path):
+    """The head was started without any AWS variable: the job reads its shards from and writes its run into an S3
+    bucket (a real S3 API server on 127.0.0.1, tests/s3_server.py) only because `vitray submit` forwarded the
+    endpoint and credentials it saw, in the job's runtime env, naming them without their values."""
+    from s3_server import s3_server
+
+    from vitray import storage
+    from vitray.data.pack import pack
+
+    assert not [k for k in os.environ if k.startswith("AWS_")]  # nor does this process, or the head, have any
+    with s3_server() as s3:
+        bucket = s3.create_bucket("submitted")
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in s3.env.items():
+                mp.setenv(key, value)
+            pack("-", f"{bucket}/digits", "sklearn-digits", progress=False)
+            cfg = yaml.safe_load(_config(tmp_path, "unused").read_text())
+            cfg["data"]["path"] = f"{bucket}/digits"
+            cfg["cluster"]["storage_path"] = f"{bucket}/runs"
+            cfg["cluster"]["run_name"] = "from-s3"
+            (tmp_path / "s3.yaml").write_text(yaml.safe_dump(cfg))
+            res = run_cli("submit", str(tmp_path / "s3.yaml"), "--address", ray_head, "--wait",
+                          "--submission-id", "vitray-test-s3", env=s3.env, timeout=600)
+            assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+            assert ("forwarded to the job's environment: AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, "
+                    "AWS_SECRET_ACCESS_KEY (values not shown)") in res.stdout
+            assert s3.env["AWS_SECRET_ACCESS_KEY"] not in res.stdout + res.stderr
+            assert storage.is_file(f"{bucket}/runs/from-s3/export/model.safetensors")
+
+
 def test_a_config_that_fails_on_the_cluster_ends_failed_with_a_nonzero_exit(ray_head, digits, tmp_path):
     """Valid here, fails there: data.path does not exist where the driver runs."""
     res = run_cli("submit", str(_config(tmp_path, digits, str(tmp_path / "no-shards"))), "--address", ray_head,

@@ -1,6 +1,9 @@
 """``vitray data inspect``: what a packed dataset holds, and whether its shards are intact."""
 from __future__ import annotations
 
+import hashlib
+
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vitray import storage
@@ -70,11 +73,13 @@ def verify(folder: str) -> list[str]:
         if s.file not in present:
             problems.append(f"{s.file}: missing")
             continue
-        digest = storage.sha256_of(path)
+        # an object is fetched once (hash and footer from memory: one GET); a local file is streamed
+        data = storage.read_bytes(path) if storage.is_uri(path) else None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else storage.sha256_of(path)
         if digest != s.sha256:
             problems.append(f"{s.file}: sha256 {digest[:12]}... != manifest {s.sha256[:12]}...")
         try:
-            with storage.open_input(path) as f:
+            with (pa.BufferReader(data) if data is not None else storage.open_input(path)) as f:
                 rows = pq.ParquetFile(f).metadata.num_rows
         except Exception as err:  # noqa: BLE001 - a damaged footer is a finding, not a crash
             problems.append(f"{s.file}: not a readable Parquet file ({err})")

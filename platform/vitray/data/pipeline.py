@@ -22,7 +22,7 @@ import numpy as np
 from vitray import storage
 
 from .decode import DecodeError, decode_image
-from .formats import Manifest, split_of
+from .formats import Manifest, read_shard, split_of
 from .sources import IMAGE_EXTS, SPLIT_NAMES
 from .transforms import TrainTransform
 
@@ -261,7 +261,6 @@ def _read_small(spec: DatasetSpec, split: str, data_cfg, max_block_rows: int | N
     ``max_block_rows`` rows, so that the shuffle buffer draws from many randomly ordered blocks at once (rows grouped
     by class in the files are still mixed). None: read it with Ray Data."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray.data
 
     cols = read_columns(spec.task, spec.files.get(split))
@@ -272,7 +271,7 @@ def _read_small(spec: DatasetSpec, split: str, data_cfg, max_block_rows: int | N
             table = pa.table({"image": pa.array([Path(p).read_bytes() for p in paths], pa.binary()),
                               "label": pa.array([labels[p] for p in paths], pa.int64())})
         else:
-            table = pa.concat_tables([pq.read_table(f, columns=cols) for f in spec.files[split]])
+            table = pa.concat_tables([read_shard(f, cols) for f in spec.files[split]])
     except (OSError, pa.ArrowInvalid):  # not readable from the driver (a path only the workers see): Ray Data
         return None
     if max_block_rows and data_cfg.shuffle:
