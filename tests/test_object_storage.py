@@ -113,7 +113,8 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3_e
     """The whole life of a model with nothing but caches on local disk: pack into the bucket -> train 2 workers
     with DeepSpeed checkpoints in the bucket -> a worker is killed -> Ray Train resumes from the bucket's checkpoint
     -> export to the bucket -> registered, MLflow artifacts in the bucket -> score the shards into the bucket -> the
-    scoring job is killed -> the rerun finishes it: every id exactly once."""
+    scoring job is killed -> the rerun finishes it: every id exactly once -> the last checkpoint resumed on another
+    worker count."""
     import boto3
 
     from vitray import storage
@@ -147,7 +148,7 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3_e
     assert res.returncode == 0, out[-4000:]
     assert marker.read_text() == "8"  # a worker really died at step 8 ...
     resumed = [line for line in out.splitlines() if "[vitray] resumed from" in line]
-    assert len(resumed) == 1 and f"{BUCKET}/e2e/runs/s3run/checkpoint_" in resumed[0] and "step 5," in resumed[0]
+    assert len(resumed) == 1 and f"resumed from {root}/runs/s3run/checkpoint_" in resumed[0] and "step 5," in resumed[0]
     run_files = [p for p, _ in storage.list_files(f"{root}/runs/s3run", recursive=True)]
     assert any("/checkpoint_" in p for p in run_files)
     assert f"{root}/runs/s3run/export/vitray_model.json" in run_files
@@ -160,7 +161,8 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3_e
     version = client.get_model_version_by_alias("digits-s3", "champion")
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"{root}/mlflow")
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    steps, logged = {m.step for m in history}, len(history)
     assert steps == set(range(1, max(steps) + 1)) and max(steps) >= 12  # no gap, through the end of the epoch
     mlflow_files = [p for p, _ in storage.list_files(f"{root}/mlflow", recursive=True)]
     assert any(p.endswith("/MLmodel") for p in mlflow_files) and any(p.endswith(".png") for p in mlflow_files)
@@ -199,6 +201,20 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3_e
     assert len(ids) == len(set(ids)) == len(good) and set(ids) == set(good)  # every id once: no duplicate, no gap
     assert not [p for p, _ in storage.list_files(output, recursive=True) if "/_tmp/" in p]
     assert any("/_logs/score-" in p for p, _ in storage.list_files(output, recursive=True))
+
+    # the finished run resumed from its last checkpoint in the bucket on another worker count: a second epoch on 1
+    n = max(steps)
+    res = _cli(["train", str(tmp_path / "train.yaml"), "--resume", "s3run", "--set", "cluster.num_workers=1",
+                "--set", "train.epochs=2"], env, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "checkpoint of 2 workers -> 1: converted to a DeepSpeed universal checkpoint" in out
+    (line,) = [x for x in out.splitlines() if "[vitray] resumed from" in x]
+    assert f"resumed from {root}/runs/s3run/checkpoint_" in line and f"step {n}," in line
+    history = client.get_metric_history(run.info.run_id, "train/loss")  # the same MLflow run went on
+    later = sorted(m.step for m in history if m.step > n)
+    assert len(later) >= 3 and later == list(range(n + 1, n + 1 + len(later))), later
+    assert len([m for m in history if m.step <= n]) == logged  # nothing before step n was redone
 
     # nothing but caches on local disk: no shards, checkpoints, export, artifacts or predictions under the home
     local = [p for p in home.rglob("*") if p.is_file()]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 __all__ = ["StorageError", "is_uri", "join", "basename", "resolve", "exists", "is_file", "is_dir", "read_bytes",
            "read_text", "write_bytes", "write_text", "list_files", "delete", "delete_tmp", "size", "sha256_of",
-           "open_input", "upload_dir", "download_dir", "local_copy", "check", "stat", "forwarded_env", "FORWARDED_ENV", "TMP_DIR", "display"]
+           "open_input", "upload_dir", "download_dir", "local_copy", "check", "stat", "uri_in", "forwarded_env", "FORWARDED_ENV", "TMP_DIR", "display"]
 
 TMP_DIR = "_tmp"  # uploads in progress beside their target (object stores only)
 
@@ -386,3 +386,11 @@ def stat(path) -> tuple[int, int]:
     if info.type == ft.NotFound:
         raise FileNotFoundError(path)
     return int(info.size), int(info.mtime_ns or 0)
+
+
+def uri_in(path: str, like: str) -> str:
+    """A path inside a filesystem (Ray Train's ``Checkpoint.path``: ``bucket/prefix/...``) as a URI of the same
+    scheme as ``like`` (the run storage), so it can be printed and passed back; a local path as is."""
+    if not is_uri(like) or is_uri(path):
+        return path
+    return f"{str(like).split('://', 1)[0]}://{path.lstrip('/')}"

@@ -269,7 +269,10 @@ class _Worker:
         self.log_line({"event": "resumed", "step": self.global_step, "epoch": self.epoch, "from_workers": meta["world_size"],
                        "workers": self.world, "universal": self.universal, "optimizer_moments_sq_sum": reduced[0],
                        "optimizer_moments_numel": reduced[1]})
-        self.progress.say(f"[vitray] resumed from {self.ckpt.path}: epoch {self.epoch}, step {self.global_step}, "
+        from vitray import storage
+
+        where = storage.uri_in(self.ckpt.path, self.loop_cfg.get("run_dir", ""))
+        self.progress.say(f"[vitray] resumed from {where}: epoch {self.epoch}, step {self.global_step}, "
                           f"{self.micro_in_epoch} micro-batches into the epoch")
 
     def log_line(self, record: dict) -> None:

@@ -86,6 +86,16 @@ def _resolve_weights(uri: str | None, field: str, tracking_uri: str | None) -> s
         raise ConfigError(f"{field}: {err}") from None
 
 
+def _ray_storage(root: str) -> dict:
+    """Ray Train's storage arguments. An object store goes in as the filesystem vitray resolved here (its endpoint
+    included), so the train controller and workers use the same store even where ``AWS_ENDPOINT_URL`` is not set
+    (a Ray that was started before it); credentials still come from each process's environment or role."""
+    if not storage.is_uri(root):
+        return {"storage_path": root}
+    fs, inner = storage.resolve(root)
+    return {"storage_path": inner, "storage_filesystem": fs}
+
+
 def _has_checkpoints(run_dir: str) -> bool:
     """Ray Train will restore this run name from its checkpoints (a local folder or an object store prefix)."""
     if not storage.is_uri(run_dir):
@@ -379,7 +389,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             dataset_config=_data_config(cfg, cfg.data.cpus or (rplan.data_cpus if not cfg.cluster.resource_wait_s
                                                                 else None)),
             run_config=RayRunConfig(
-                name=run_name, storage_path=root,
+                name=run_name, **_ray_storage(root),
                 failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_to_keep,
                                                    checkpoint_score_attribute=score,
@@ -392,7 +402,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
         if result.error:
             raise result.error
         out = TrainResult(run_name, run_dir, export_dir, dict(result.metrics or {}),
-                          result.checkpoint.path if result.checkpoint else None, time.perf_counter() - t0,
+                          storage.uri_in(result.checkpoint.path, root) if result.checkpoint else None,
+                          time.perf_counter() - t0,
                           mlflow_run_id=tracked.run_id if tracked else None)
         if tracked is not None:
             _register(cfg, out, tracked, spec)
