@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -106,6 +107,39 @@ def test_bad_bucket_missing_credentials_and_wrong_endpoint_fail_in_one_line_befo
         assert len(lines) == 1 and message in lines[0], (args, res.stderr)
         assert "Traceback" not in res.stderr and "Started a local Ray" not in res.stdout + res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_weights_and_teachers_given_as_bucket_uris_are_fetched_and_a_missing_one_is_named(s3_env, tmp_path):
+    """``model.checkpoint`` / ``train.distillation.teacher`` as an export folder or a weights file in a bucket: checked
+    before any cluster work, then fetched to local temporary files on the driver (and again on a worker's node)."""
+    import hashlib
+
+    from vitray import storage
+    from vitray.config import ConfigError, check_config, parse_config
+    from vitray.models import create_model
+    from vitray.models.export import save_export
+    from vitray.train.trainer import _resolve_weights
+
+    arch = {"name": "vit_pico_patch4_32", "num_classes": 10, "img_size": 32}
+    folder = save_export(tmp_path / "export", create_model(arch["name"], num_classes=10).state_dict(), model=arch,
+                         task="classification", class_names=[str(i) for i in range(10)],
+                         preprocessing={"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                                        "interpolation": "bicubic"})
+    uri = f"s3://{BUCKET}/models/pico"
+    storage.upload_dir(folder, uri)
+    cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "num_classes": 10, "checkpoint": uri},
+                        "train": {"distillation": {"teacher": f"{uri}/model.safetensors"}}})
+    check_config(cfg)
+    local = _resolve_weights(uri, "model.checkpoint", None)
+    assert not storage.is_uri(local)
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(local).iterdir()}
+    assert digest == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
+    weights = _resolve_weights(f"{uri}/model.safetensors", "train.distillation.teacher", None)
+    assert Path(weights).read_bytes() == (Path(folder) / "model.safetensors").read_bytes()
+
+    missing = parse_config({"model": {"name": "vit_pico_patch4_32", "checkpoint": f"s3://{BUCKET}/models/none"}})
+    with pytest.raises(ConfigError, match=f"model.checkpoint: not found: s3://{BUCKET}/models/none"):
+        check_config(missing)
 
 
 @pytest.mark.slow

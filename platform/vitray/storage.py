@@ -23,7 +23,8 @@ from pathlib import Path
 
 __all__ = ["StorageError", "is_uri", "join", "basename", "resolve", "exists", "is_file", "is_dir", "read_bytes",
            "read_text", "write_bytes", "write_text", "list_files", "delete", "delete_tmp", "size", "sha256_of",
-           "open_input", "upload_dir", "download_dir", "local_copy", "check", "stat", "uri_in", "forwarded_env", "FORWARDED_ENV", "TMP_DIR", "display"]
+           "open_input", "upload_dir", "download_dir", "local_copy", "check", "stat", "uri_in",
+           "ray_job_env_keys", "forwarded_env", "FORWARDED_ENV", "TMP_DIR", "display"]
 
 TMP_DIR = "_tmp"  # uploads in progress beside their target (object stores only)
 
@@ -352,10 +353,25 @@ def check(path, what: str, *, write: bool = False) -> None:
             raise StorageError(f"{what}: cannot write under {path} ({str(err).split(': ', 1)[-1]})") from None
 
 
+def ray_job_env_keys() -> set[str]:
+    """The environment variables the Ray job this driver runs in (``ray job submit``) already sets on every worker.
+    A driver's ``ray.init(runtime_env=...)`` must not set them again: Ray refuses the merge (and its error message
+    prints both environments, values included)."""
+    import json
+
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return set()
+    return set(((job.get("runtime_env") or {}).get("env_vars") or {}).keys())
+
+
 def forwarded_env(environ: dict | None = None) -> dict[str, str]:
-    """The object storage variables set here (:data:`FORWARDED_ENV`), for a Ray runtime env."""
+    """The object storage variables set here (:data:`FORWARDED_ENV`), for a Ray runtime env; inside a Ray job, only
+    those the job does not set already."""
     environ = os.environ if environ is None else environ
-    return {k: environ[k] for k in FORWARDED_ENV if environ.get(k)}
+    skip = ray_job_env_keys()
+    return {k: environ[k] for k in FORWARDED_ENV if environ.get(k) and k not in skip}
 
 
 def local_copy(path, what: str) -> str:

@@ -43,7 +43,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     # object storage credentials and endpoint reach the workers of an existing cluster (a local Ray inherits them)
-    env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning", **storage.forwarded_env()}}
+    env_vars = {"PYTHONWARNINGS": "ignore::DeprecationWarning", **storage.forwarded_env()}
+    env = {"env_vars": {k: v for k, v in env_vars.items() if k not in storage.ray_job_env_keys()}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
