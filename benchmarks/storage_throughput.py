@@ -8,6 +8,7 @@ the median reported:
 * ``read``: every shard read whole (``vitray.data.formats.read_shard``, what the driver's small-split path does;
   Ray Data's read tasks use their own Parquet reader), MB/s and rows/s;
 * ``verify``: ``vitray data inspect --verify``'s sha256 + footer check of every shard;
+* the baseline: ``pyarrow.parquet.read_table`` given the URI (pyarrow's per-column range reads);
 * the server's ceiling: plain boto3 GETs of the same objects (moto is a Python server: what it can send bounds
   every client);
 * for scale: the training pipeline's decode + augmentation rate per core, i.e. what a read path must keep up with.
@@ -105,8 +106,9 @@ def main() -> None:
                  for name, root, m in (("local", local, Manifest.read(local)), ("s3", remote, Manifest.read(remote)))}
         _read_all(files["local"]), _read_all(files["s3"])  # warm: page cache, connections
         times: dict[str, list[float]] = {"local read": [], "s3 read": [], "local verify": [], "s3 verify": [],
-                                         "server GET": []}
+                                         "server GET": [], "s3 read, pyarrow URI": []}
         import boto3
+        import pyarrow.parquet as pq
 
         client = boto3.client("s3")
         rows = 0
@@ -118,6 +120,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 assert verify(root) == []
                 times[f"{name} verify"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # the baseline vitray improves on: pyarrow's own reader given the URI
+            for f in files["s3"]:
+                pq.read_table(f)
+            times["s3 read, pyarrow URI"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()  # the server's own ceiling: plain GETs of the same objects, bytes discarded
             for f in files["s3"]:
                 b, _, key = f[len("s3://"):].partition("/")
@@ -133,6 +139,8 @@ def main() -> None:
         for name in ("local", "s3"):
             print(f"| {name} | {size / 2**20 / med[f'{name} read']:,.0f} | {rows / med[f'{name} read']:,.0f} | "
                   f"{size / 2**20 / med[f'{name} verify']:,.0f} |")
+        print(f"| s3, pyarrow.parquet.read_table(URI) | {size / 2**20 / med['s3 read, pyarrow URI']:,.0f} | "
+              f"{rows / med['s3 read, pyarrow URI']:,.0f} | - |")
         print(f"| server ceiling (boto3 GETs of the same objects) | {size / 2**20 / med['server GET']:,.0f} | "
               f"{rows / med['server GET']:,.0f} | - |")
         print(f"s3 / local throughput: read x{med['local read'] / med['s3 read']:.2f}, "
