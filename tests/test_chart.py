@@ -144,6 +144,10 @@ def test_object_storage_mode_has_no_volume_and_every_ray_pod_reads_the_credentia
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["AWS_ENDPOINT_URL"] == "http://minio.storage:9000" and "VITRAY_HOME" not in env
         assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    (mlflow,) = [d for d in docs if d["kind"] == "Deployment"]  # its artifacts in the same store
+    (c,) = mlflow["spec"]["template"]["spec"]["containers"]
+    assert {"name": "MLFLOW_S3_ENDPOINT_URL", "value": "http://minio.storage:9000"} in c["env"]
+    assert "--artifacts-destination=s3://ml/mlflow" in c["args"] and c["envFrom"] == [{"secretRef": {"name": "vitray-s3"}}]
 
 
 def test_serving_values_render_a_rayservice_with_a_yaml_string_serve_config(helm_bin, tmp_path):
