@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -97,11 +96,7 @@ def _listed(root: str, suffix: str) -> list[str]:
 def _stat_digest(paths) -> str:
     h = hashlib.sha256()
     for p in paths:
-        if storage.is_uri(p):
-            size, mtime = storage.stat(p)
-        else:
-            st = os.stat(p)
-            size, mtime = st.st_size, st.st_mtime_ns
+        size, mtime = storage.stat(p)
         h.update(f"{p}:{size}:{mtime};".encode())
     return h.hexdigest()
 
