@@ -104,8 +104,8 @@ def _reason(err: BaseException) -> str:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return ("cannot reach the object store" + (f" at AWS_ENDPOINT_URL={endpoint}" if endpoint else "")
                 + " (check the endpoint and the network)")
-    if "ACCESS_DENIED" in text or "AccessDenied" in text or "INVALID_ACCESS_KEY" in text or "SIGNATURE" in text \
-            or "403" in text:
+    if any(k in text for k in ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY", "SIGNATURE",
+                               "response code: 403")):
         return "access denied (check the credentials and the bucket policy)"
     return text.splitlines()[0][:300] if text else type(err).__name__
 
