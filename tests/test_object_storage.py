@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from imagegen import make_digits_folder
+from killing import run_and_kill_midway
 from s3_server import s3_server
 
 BUCKET = "vitray-test"
@@ -206,25 +205,8 @@ def test_pack_train_kill_resume_register_score_kill_rerun_all_in_the_bucket(s3_e
     cmd = ["score", "--model", "models:/digits-s3@champion", "--input", f"{root}/shards", "--output", output,
            "--batch-size", "8"]
     units = len(json.loads(storage.read_text(f"{root}/shards/manifest.json"))["shards"])
-    for attempt in range(3):
-        log = open(tmp_path / "score-1.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "vitray.cli", *cmd] + (["--overwrite"] if attempt else []),
-                                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            deadline = time.time() + 300
-            while proc.poll() is None and time.time() < deadline and not [
-                    p for p, _ in storage.list_files(output) if "/part-" in p]:
-                time.sleep(0.05)
-            assert proc.poll() is None, (tmp_path / "score-1.log").read_text()[-3000:]
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
-        done_before = [p for p, _ in storage.list_files(output) if "/part-" in p]
-        if len(done_before) < units:
-            break
+    done_before = run_and_kill_midway([sys.executable, "-m", "vitray.cli", *cmd], env, tmp_path / "score-1.log",
+                                      lambda: [p for p, _ in storage.list_files(output) if "/part-" in p], units)
     assert 1 <= len(done_before) < units
     res = _cli(cmd, env)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from imagegen import encode, rgb
+from killing import run_and_kill_midway
 
 ARCH = {"name": "vit_pico_patch4_28", "num_classes": 10, "img_size": 28, "pos_embed": "learned",
         "global_pool": "token", "in_chans": 3}
@@ -155,27 +154,9 @@ def test_killed_job_rerun_has_every_id_once_and_corrupt_images_are_error_rows(re
     cmd = _score_cmd(str(export), registered["tracking_uri"], src, out)
     env = {**os.environ, "VITRAY_HOME": str(tmp_path / "home"), "PYTHONWARNINGS": "ignore"}
     # the driver receives the predictions in bursts (16 of the 50 units at once here, then the rest a few seconds
-    # later; in one CI run 2 units, then the other 48 2.4 s later): the kill lands as soon as the first unit is on
-    # disk, and one that lands after the last burst has nothing to test, so the first run starts again, fresh
-    for attempt in range(3):
-        log = open(tmp_path / "first-run.log", "wb")  # a file, not a pipe nobody reads while the job runs
-        proc = subprocess.Popen(cmd + (["--overwrite"] if attempt else []), stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
-        try:
-            deadline = time.time() + 240
-            while not list(out.glob("part-*.parquet")) and proc.poll() is None and time.time() < deadline:
-                time.sleep(0.05)
-            assert proc.poll() is None, "the job ended before it could be killed: " + \
-                (tmp_path / "first-run.log").read_text()[-2000:]
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-job
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
-        done_before = {f.name for f in out.glob("part-*.parquet")}
-        if len(done_before) < 50:
-            break
+    # later; in one CI run 2 units, then the other 48 2.4 s later): killed as soon as the first unit is on disk
+    done_before = run_and_kill_midway(cmd, env, tmp_path / "first-run.log", lambda: list(out.glob("part-*.parquet")),
+                                      50, timeout=240)
     assert len(done_before) in range(1, 50)  # killed midway: 400 images / 8 per unit
 
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
