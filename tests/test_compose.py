@@ -144,3 +144,24 @@ def test_cli(cli, tmp_path):
     assert "composed 20 scenes" in r.stdout and len(list((out / "images").rglob("*.png"))) == 20
     bad = cli("data", "compose", "-", str(tmp_path / "bad"), "--from", "sklearn-digits", "--classes", "42")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--classes" in bad.stderr
+
+
+def test_captions_say_what_how_many_where_and_how_big(tmp_path):
+    from vitray.data.compose import caption
+
+    assert caption([("7", [0, 0, 14, 14])], 32) == "a large 7 at the top left"
+    assert caption([("8", [12, 12, 8, 8])], 32) == "a small 8 in the centre"
+    assert caption([("3", [22, 10, 12, 12]), ("apple", [10, 24, 12, 8])], 32) == \
+        "two items: a 3 at the right and an apple at the bottom"
+    r = compose("-", str(tmp_path / "c"), source="sklearn-digits", n=30, size=32, max_items=2, seed=1, captions=True)
+    caps = json.loads((tmp_path / "c" / "captions.json").read_text())
+    coco = json.loads((tmp_path / "c" / "annotations.json").read_text())
+    assert r.paths["captions.json"] and len(caps["annotations"]) == 30 and caps["images"] == coco["images"]
+    for rec in caps["annotations"]:
+        anns = [a for a in coco["annotations"] if a["image_id"] == rec["image_id"]]
+        names = [str(a["category_id"] - 1) for a in anns]
+        assert rec["caption"] == caption([(n, a["bbox"]) for n, a in zip(names, anns)], 32)
+        assert all(n in rec["caption"] for n in names)
+        assert rec["caption"].startswith("two items") == (len(anns) == 2)
+    plain = compose("-", str(tmp_path / "plain"), source="sklearn-digits", n=3, size=32, seed=1)
+    assert "captions.json" not in plain.paths and not (tmp_path / "plain" / "captions.json").exists()

@@ -250,12 +250,13 @@ def cmd_data_compose(args) -> int:
     try:
         r = compose(args.src, args.out, source=args.source, classes=args.classes, n=args.n, size=args.size,
                     max_items=args.max_items, val_fraction=args.val_fraction, seed=args.seed,
-                    overwrite=args.overwrite, held_out_items=args.held_out_items)
+                    overwrite=args.overwrite, held_out_items=args.held_out_items, captions=args.captions)
     except ComposeError as err:  # exit 2 at once, without the generic handler's heavy imports (torch)
         raise UsageError(str(err)) from None
     splits = ", ".join(f"{s} {k:,}" for s, k in r.counts.items())
     console.say(f"[vitray] composed {sum(r.counts.values()):,} scenes ({splits}) with {r.items:,} items of "
-                f"{len(r.classes)} classes into {args.out} (images/, masks/, classes.txt, annotations.json) "
+                f"{len(r.classes)} classes into {args.out} (images/, masks/, classes.txt, annotations.json"
+                f"{', captions.json' if args.captions else ''}) "
                 f"in {r.seconds:.1f}s")
     return 0
 
@@ -773,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="everything follows from it (default 0)")
     p.add_argument("--held-out-items", action="store_true",
                    help="val scenes paste only source images no train scene uses (a val metric on unseen items)")
+    p.add_argument("--captions", action="store_true",
+                   help="also write captions.json (COCO captions): one sentence per scene from its layout, e.g. "
+                        "'two items: a 7 at the top left and a small 2 at the bottom'")
     p.add_argument("--overwrite", action="store_true", help="replace a composed set already in OUT")
     p.set_defaults(func=cmd_data_compose)
     p = data.add_parser("inspect", help="counts per split and class, skipped files, sizes")

@@ -25,8 +25,12 @@ Written to OUT::
                                   RLE (column-major counts; exact, where polygons could not hold a digit's holes),
                                   vitray_source = the index of the pasted image within its class
 
+    captions.json                 with ``captions``: COCO captions (``images``, ``annotations`` of ``{image_id,
+                                  caption}``), one caption per scene written from its layout (:func:`caption`)
+
 so that ``vitray data pack OUT ... --format masks`` and ``--format coco`` (segmentation or detection, ``--images
-OUT/images``) pack the same labels.
+OUT/images``) pack the same labels, and ``vitray data pack OUT/captions.json ... --format coco --task generation``
+packs image-caption pairs.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ import numpy as np
 
 from .sources import Skipped, SourceError, imagefolder
 
-__all__ = ["compose", "ComposeError", "ComposeSummary", "COMPOSE_SOURCES"]
+__all__ = ["compose", "caption", "ComposeError", "ComposeSummary", "COMPOSE_SOURCES"]
 
 COMPOSE_SOURCES = ("imagefolder", "sklearn-digits")
 THRESHOLD = 0.5  # item pixels: resized intensity above this (intensities in [0, 1])
@@ -54,7 +58,10 @@ BG_MAX = 0.40  # background channels stay at or below this (before noise) ...
 ITEM_MIN = 0.75  # ... items have some channel at or above this
 NOISE = 0.03  # +- uniform noise on every pixel
 SPLITS = ("train", "val")
-OUTPUTS = ("images", "masks", "classes.txt", "annotations.json")
+OUTPUTS = ("images", "masks", "classes.txt", "annotations.json", "captions.json")
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
+SMALL, LARGE = 0.32, 0.42  # an item's longer visible side over the canvas: below is "small", above "large"
+COUNTS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 class ComposeError(SourceError):
@@ -199,6 +206,36 @@ def _scene(rng: np.random.Generator, size: int, max_items: int, shape_of, pools:
     return inst, items
 
 
+# ------------------------------------------------------------------------------------------------- captions
+def _article(name: str) -> str:
+    return "an" if name[:1].lower() in "aeio8" or name in ("11", "18") else "a"
+
+
+def _where(cx: float, cy: float, size: int) -> str:
+    """The cell of a 3x3 grid the point falls in: "at the top left", "in the centre", "at the right", ..."""
+    row, col = ROWS[min(2, int(3 * cy / size))], COLS[min(2, int(3 * cx / size))]
+    if row == "middle" and col == "centre":
+        return "in the centre"
+    return f"at the {row}" if col == "centre" else f"at the {col}" if row == "middle" else f"at the {row} {col}"
+
+
+def caption(items: list[tuple[str, list[float]]], size: int) -> str:
+    """One sentence from a layout: ``items`` are (class name, visible box x, y, w, h), in drawing order.
+
+    What, how many, where (a 3x3 grid of the canvas, by the box centre) and how big (the box's longer side:
+    "small" under SMALL of the canvas, "large" over LARGE): "a large 7 at the top left", "two items: a 3 in the
+    centre and a small 0 at the bottom right"."""
+    phrases = []
+    for name, (x, y, w, h) in items:
+        side = max(w, h) / size
+        how = "small " if side < SMALL else "large " if side > LARGE else ""
+        phrases.append(f"{_article(how or name)} {how}{name} {_where(x + w / 2, y + h / 2, size)}")
+    if len(phrases) <= 1:
+        return phrases[0] if phrases else "an empty background"
+    count = COUNTS[len(phrases) - 1] if len(phrases) <= len(COUNTS) else str(len(phrases))
+    return f"{count} items: {', '.join(phrases[:-1])} and {phrases[-1]}"
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
@@ -218,7 +255,8 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 def compose(src: str, out: str, *, source: str = "imagefolder", classes: str | list[str] | None = None,
             n: int = 600, size: int = 64, max_items: int = 3, val_fraction: float = 0.2, seed: int = 0,
-            overwrite: bool = False, workers: int | None = None, held_out_items: bool = False) -> ComposeSummary:
+            overwrite: bool = False, workers: int | None = None, held_out_items: bool = False,
+            captions: bool = False) -> ComposeSummary:
     t0 = time.perf_counter()
     if source not in COMPOSE_SOURCES:
         raise ComposeError(f"--from {source}: one of {', '.join(COMPOSE_SOURCES)}")
@@ -278,6 +316,16 @@ def compose(src: str, out: str, *, source: str = "imagefolder", classes: str | l
             "annotations": annotations, "categories": [{"id": k + 1, "name": nm} for k, nm in enumerate(names)]}
     (out_path / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))
     (out_path / "classes.txt").write_text("\n".join(["background", *names]) + "\n")
+    paths = {k: str(out_path / k) for k in OUTPUTS[:4]}
+    if captions:
+        by_image: dict[int, list] = {}
+        for a in annotations:
+            by_image.setdefault(a["image_id"], []).append((names[a["category_id"] - 1], a["bbox"]))
+        records = [{"id": im["id"], "image_id": im["id"], "caption": caption(by_image.get(im["id"], []), size)}
+                   for im in images]
+        (out_path / "captions.json").write_text(json.dumps(
+            {"info": {"description": f"vitray data compose --captions ({source}, seed {seed})"}, "images": images,
+             "annotations": records}, separators=(",", ":")))
+        paths["captions.json"] = str(out_path / "captions.json")
     split_counts = {s: sum(1 for _, sp, _ in scenes if sp == s) for s in SPLITS}
-    return ComposeSummary(str(out_path), names, split_counts, len(annotations), time.perf_counter() - t0,
-                          {k: str(out_path / k) for k in OUTPUTS})
+    return ComposeSummary(str(out_path), names, split_counts, len(annotations), time.perf_counter() - t0, paths)
