@@ -32,7 +32,7 @@ def test_the_task_list_lives_in_one_place():
     """No module outside vitray/tasks lists task names (a tuple, list, dict or Literal with two of them)."""
     from vitray.tasks import TASKS, task_names
 
-    assert task_names("infer") == TASKED and task_names("train") == TASKED
+    assert task_names("infer") == TASKED and task_names("train") == TASKED + ["generation"]  # generation: no infer yet
     names = "|".join(TASKS)
     pattern = re.compile(rf'["\']({names})["\']\s*[,:)\]].*["\']({names})["\']')
     offenders = []
@@ -56,8 +56,11 @@ def test_a_task_without_a_layer_says_what_it_can_do(monkeypatch):
         get_task("keypoints", "train")
     with pytest.raises(ConfigError, match=r"train\.task: .*cannot be trained yet"):
         parse_config({"train": {"task": "keypoints"}})
-    with pytest.raises(ConfigError, match=r"train\.task: unknown task 'generation' \(known: classification"):
-        parse_config({"train": {"task": "generation"}})
+    with pytest.raises(ConfigError, match=r"train\.task: unknown task 'inpainting' \(known: classification"):
+        parse_config({"train": {"task": "inpainting"}})
+    gen = parse_config({"train": {"task": "generation"}})  # a sampling task: EMA on unless train.ema is given
+    assert gen.train.ema.enabled and gen.train.ema.decay == 0.999
+    assert not parse_config({"train": {"task": "generation", "ema": {"enabled": False}}}).train.ema.enabled
     cfg = parse_config({"train": {"task": "segmentation"}})  # "auto" metrics follow the task
     assert (cfg.cluster.checkpoint_score_metric, cfg.tracking.promotion_metric) == ("val/miou", "val/miou")
     assert parse_config({}).tracking.promotion_metric == "val/top1"

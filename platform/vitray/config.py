@@ -266,6 +266,24 @@ class MaeConfig(_Section):
         return self
 
 
+class GenerationConfig(_Section):
+    """``train.task: generation``: a diffusion transformer (DiT, shaped like the ViT ``model.name``) trained with
+    rectified flow to turn a caption (or a class) into an image."""
+
+    condition: Literal["caption", "label"] = Field("caption", description="caption: a frozen sentence encoder's "
+                                                   "vector of the row's caption (a classification pack's rows use "
+                                                   "their class name); label: the class id (model.num_classes)")
+    text_encoder: str = Field("all-MiniLM-L6-v2", description="the frozen caption encoder (weights from a package)")
+    cond_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="share of training rows whose condition is dropped "
+                                                                  "(what classifier-free guidance needs)")
+    sample_steps: int = Field(12, ge=1, le=1000, description="Euler steps of the sampler")
+    guidance: float = Field(2.0, ge=0.0, le=20.0, description="classifier-free guidance scale (1: none, 0: ignore "
+                                                              "the prompt)")
+    grid_prompts: list[str] | None = Field(None, description="prompts of the sample grid logged at each evaluation "
+                                                              "(default: the first val rows' captions)")
+    grid_seed: int = Field(0, description="the seed of the grid's noise: the same images epoch after epoch")
+
+
 # --------------------------------------------------------------------------------------------- serve
 class ServedModel(_Section):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the name in the API")
@@ -465,6 +483,7 @@ class RunConfig(_Section):
     segmentation: SegmentationConfig = SegmentationConfig()
     detection: DetectionConfig = DetectionConfig()
     mae: MaeConfig = MaeConfig()
+    generation: GenerationConfig = GenerationConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     cluster: ClusterConfig = ClusterConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -487,6 +506,8 @@ class RunConfig(_Section):
             self.tracking.promotion_metric = info.primary_metric
         if self.tracking.promotion_mode == "auto":
             self.tracking.promotion_mode = info.mode
+        if info.ema_decay is not None and "ema" not in self.train.model_fields_set:
+            self.train.ema = EmaConfig(enabled=True, decay=info.ema_decay)  # the task samples from averaged weights
         return self
 
     def task_options(self):

@@ -43,6 +43,7 @@ class Sample:
     boxes: list[list[float]] | None = None
     box_labels: list[int] | None = None
     mask: bytes | None = None
+    caption: str | None = None
     path: str = ""
 
 
@@ -204,9 +205,11 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
     ann_path = src
     if not ann_path.is_file():
         raise SourceError(f"{ann_path}: COCO annotation file not found (SRC is the instances JSON for --format coco)")
+    codec = _coco_codec(task)
+    by_category = getattr(codec, "coco_categories", True)  # False: COCO captions (no categories)
     try:
         data = json.loads(ann_path.read_text())
-        cats = sorted(data["categories"], key=lambda c: c["id"])
+        cats = sorted(data["categories"] if by_category else data.get("categories", []), key=lambda c: c["id"])
         imgs = data["images"]
         anns = data.get("annotations", [])
     except (ValueError, KeyError, TypeError) as err:
@@ -220,7 +223,6 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
     by_image: dict[int, list[dict]] = {}
     for a in anns:
         by_image.setdefault(a["image_id"], []).append(a)
-    codec = _coco_codec(task)
     names = codec.coco_class_names([c["name"] for c in cats])
 
     def load(im):
@@ -233,8 +235,11 @@ def coco(src: Path, images: Path | None, task: str) -> Source:
         split = next((s for s in SPLIT_NAMES if im["file_name"].startswith(s + "/")), None)
         sample = Sample(im["file_name"], raw, split, path=str(path))
         h, w = int(im["height"]), int(im["width"])
-        objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in cat_index]
-        for key, value in codec.from_coco(objs, h, w, cat_index).items():  # the task's targets (its data codec)
+        objs = [a for a in by_image.get(im["id"], []) if not by_category or a.get("category_id") in cat_index]
+        targets = codec.from_coco(objs, h, w, cat_index)  # the task's targets (its data codec), or why none
+        if isinstance(targets, str):
+            return Skipped(str(path), targets)
+        for key, value in targets.items():
             setattr(sample, key, value)
         return sample
 

@@ -41,6 +41,8 @@ class TaskInfo:
     labelled: bool = True          # trains on labels; False: on the images of any pack, labels ignored
     probes: bool = False           # ``train.linear_probe`` applies (a linear head on a frozen backbone)
     card: str = ""                 # the registered model version's description: what the model is and is not
+    reads: tuple[str, ...] = ()    # other tasks' packs it trains on (their class names kept)
+    ema_decay: float | None = None  # EMA of weights on by default (train.ema not given) with this decay
     layers: dict[str, str] = field(default_factory=dict)  # layer -> "module:attribute"
 
     def has(self, layer: str) -> bool:
@@ -79,6 +81,12 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in (
                   "route and `vitray score` return pooled embeddings; fine-tune it with model.checkpoint set to this "
                   "model's URI (classification, segmentation, detection), or probe it with train.linear_probe.",
              layers=_layers("mae", *LAYERS)),
+    TaskInfo("generation", "an image from a caption (diffusion transformer)", "val/loss", "min", "flow loss",
+             ("caption",), options="generation", pictures="generated samples", reads=("classification",),
+             ema_decay=0.999,
+             card="A diffusion transformer (DiT, rectified flow) that draws an image for a caption; not a "
+                  "classifier. Sample it with `vitray generate`.",
+             layers=_layers("generation", "data", "train", "model")),
 )}
 
 

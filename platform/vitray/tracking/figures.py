@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["confusion_matrix_image", "prediction_grid_image", "segmentation_grid_image", "class_palette", "colour_mask",
-           "detection_grid_image", "reconstruction_grid_image"]
+           "detection_grid_image", "reconstruction_grid_image", "generation_grid_image"]
 
 
 def _figure(width: float, height: float):
@@ -179,6 +179,32 @@ def reconstruction_grid_image(originals: np.ndarray, masked: np.ndarray, recon: 
             ax.imshow((originals, masked, recon, pasted)[j][k], interpolation="nearest")
             if k == 0:
                 ax.set_title(heads[j], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _to_pil(fig)
+
+
+def generation_grid_image(prompts: list[str], samples: np.ndarray, real: np.ndarray | None = None, title: str = ""):
+    """Generation: one row per prompt, its generated samples (P, K, H, W, 3) uint8 side by side, and a real image
+    of that prompt in the first column when ``real`` (P, H, W, 3) is given."""
+    p, k = samples.shape[:2]
+    cols = k + (real is not None)
+    fig = _figure(max(cols * 1.2, 4.0), p * 1.3 + 0.5)
+    axes = fig.subplots(max(p, 1), cols, squeeze=False)
+    for r in range(axes.shape[0]):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if r >= p:
+                continue
+            if real is not None and c == 0:
+                ax.imshow(real[r], interpolation="nearest")
+            else:
+                ax.imshow(samples[r, c - (real is not None)], interpolation="nearest")
+        if r < p:
+            axes[r][0].text(0, 1.04, prompts[r][:90], transform=axes[r][0].transAxes, fontsize=7, va="bottom")
+    if real is not None:
+        title = f"{title}; first column: a real image with that caption" if title else "first column: a real image"
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

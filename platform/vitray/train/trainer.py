@@ -154,9 +154,14 @@ def _example_image(spec) -> bytes | None:
 def _register(cfg: RunConfig, result: "TrainResult", tracked, spec) -> None:
     """Log the export as the run's MLflow model and register it (gate included). A lost server leaves the export
     on disk and a warning saying how to redo it."""
+    from vitray.tasks import get_task
     from vitray.tracking.registry import log_and_register
     from vitray.tracking.runs import bounded_http
 
+    if not get_task(cfg.train.task).has("infer"):  # an MLflow model is what serving and scoring load
+        print(f"[vitray] not logged as an MLflow model: a {cfg.train.task} model cannot be served or scored yet; "
+              f"its export is {result.export_dir}", flush=True)
+        return
     try:
         with bounded_http():
             reg = log_and_register(result.export_dir, cfg.tracking, run_id=tracked.run_id,
@@ -206,8 +211,11 @@ def _check_task(cfg: RunConfig, spec, teacher: str | None = None):
         if meta["task"] != cfg.train.task:
             raise ConfigError(f"train.distillation.teacher: a {meta['task']} model cannot teach {cfg.train.task}")
 
-    if not get_task(cfg.train.task).labelled:
+    info = get_task(cfg.train.task)
+    if not info.labelled:
         return dataclasses.replace(spec, task=cfg.train.task, class_names=[], category_ids=None)
+    if spec.task in info.reads:  # another task's pack, read by this task's codec (its class names kept)
+        spec = dataclasses.replace(spec, task=cfg.train.task)
     if spec.task != cfg.train.task:
         raise ConfigError(f"train.task: {cfg.train.task!r}, but {cfg.data.path} holds {spec.task} data "
                           f"(its manifest says so); pack {cfg.train.task} data or set train.task: {spec.task}")

@@ -1,0 +1,111 @@
+"""Generation as a task: composed scenes with captions packed as image-caption pairs, captions through the pipeline
+as bytes, a classification pack's rows captioned with their class, and a DiT trained on Ray Train + DeepSpeed whose
+export samples deterministically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vitray.tasks.generation.data import CAPTION_BYTES, CODEC, decode_captions, encode_caption
+
+
+@pytest.fixture(scope="module")
+def caption_shards(tmp_path_factory):
+    from vitray.data.compose import compose
+    from vitray.data.pack import pack
+
+    root = tmp_path_factory.mktemp("captioned")
+    compose("-", str(root / "scenes"), source="sklearn-digits", n=160, size=32, max_items=2, seed=2, captions=True)
+    m = pack(str(root / "scenes" / "captions.json"), str(root / "shards"), "coco", task="generation",
+             images=str(root / "scenes" / "images"), progress=False)
+    return root, m
+
+
+def test_composed_captions_pack_as_image_caption_pairs(caption_shards):
+    import pyarrow.parquet as pq
+
+    root, m = caption_shards
+    assert m.task == "generation" and m.counts == {"train": 128, "val": 32} and not m.skipped
+    table = pq.read_table(sorted((root / "shards").glob("*.parquet")))
+    caps = json.loads((root / "scenes" / "captions.json").read_text())
+    by_file = {im["file_name"]: im["id"] for im in caps["images"]}
+    want = {a["image_id"]: a["caption"] for a in caps["annotations"]}
+    got = dict(zip(table.column("id").to_pylist(), table.column("caption").to_pylist()))
+    assert len(got) == 160 and all(got[f] == want[by_file[f]] for f in got)
+
+
+def test_captions_travel_as_bytes_and_unlabelled_rows_say_so():
+    texts = ["a large 7 at the top left", "ünïcödé " * 40, None]
+    out = CODEC.begin({"caption": texts, "image": [b""] * 3}, 3, 32, 10)
+    assert out["caption"].shape == (3, CAPTION_BYTES) and out["caption"].dtype == np.uint8
+    back = decode_captions(torch.from_numpy(out["caption"]))
+    assert back[0] == texts[0] and texts[1].startswith(back[1]) and len(back[1].encode()) <= CAPTION_BYTES
+    assert back[2] == "" and (out["label"] == -1).all()
+    assert decode_captions(encode_caption("a 3")[None]) == ["a 3"]
+
+
+def test_a_classification_pack_is_captioned_with_its_class_names():
+    from vitray.config import parse_config
+    from vitray.tasks.generation.train import GenerationTask
+
+    cfg = parse_config({"train": {"task": "generation"}})
+    task = GenerationTask(cfg, [str(i) for i in range(10)] + ["apple"])
+    batch = {"caption": torch.from_numpy(np.stack([encode_caption("a small 2 at the top"), encode_caption("")] * 2)),
+             "label": torch.tensor([-1, 8, -1, 10])}
+    assert task.captions(batch) == ["a small 2 at the top", "an 8", "a small 2 at the top", "an apple"]
+    by_label = GenerationTask(parse_config({"train": {"task": "generation"}, "generation": {"condition": "label"}}),
+                              [str(i) for i in range(10)])
+    with pytest.raises(ValueError, match="no label"):
+        by_label.condition({"label": torch.tensor([3, -1])})
+
+
+def test_a_dit_trains_on_ray_with_deepspeed_and_its_export_samples_deterministically(ray_cluster, caption_shards,
+                                                                                        tmp_path):
+    """2 workers, ZeRO-2, 2 epochs on captioned scenes: val/loss (fixed noise) and the EMA's, the sample grid in
+    MLflow, and an export that builds the DiT back and samples the same images for the same seed."""
+    from vitray.config import parse_config
+    from vitray.models.export import EXPORT_META, read_export_meta
+    from vitray.models.text_encoder import SentenceEncoder
+    from vitray.models.flow import sample
+    from vitray.tasks import get_task
+    from vitray.tracking import default_tracking_uri
+    from vitray.tracking.uris import client_for
+    from vitray.train import run_training
+
+    root, _ = caption_shards
+    cfg = parse_config({
+        "model": {"name": "vit_pico_patch4_32", "img_size": 32},
+        "data": {"path": str(root / "shards"), "batch_size": 32},
+        "train": {"task": "generation", "epochs": 2, "lr": 2e-3, "warmup_epochs": 0.5, "log_every_steps": 1},
+        "generation": {"sample_steps": 4},
+        "deepspeed": {"zero_stage": 2},
+        "cluster": {"num_workers": 2, "storage_path": str(tmp_path / "runs"), "run_name": "gen"},
+        "tracking": {"experiment": "gen", "flush_interval_s": 1.0},
+    })
+    result = run_training(cfg)
+    assert result.metrics["step"] == 4
+    client = client_for(default_tracking_uri())
+    history = client.get_metric_history(result.mlflow_run_id, "train/loss")
+    assert len(history) == 4 and all(np.isfinite(h.value) for h in history)
+    run = client.get_run(result.mlflow_run_id)
+    assert {"val/loss", "val/loss_ema"} <= set(run.data.metrics)
+    assert "pictures/val_samples.png" in {a.path for a in client.list_artifacts(result.mlflow_run_id, "pictures")}
+
+    export = Path(result.export_dir)
+    meta = read_export_meta(export)
+    assert (meta["task"], meta["model"]["condition"], meta["model"]["cond_dim"]) == ("generation", "caption", 384)
+    model = get_task("generation", "model").load("model").build(meta["model"], checkpoint=str(export)).eval()
+    encoder = SentenceEncoder.from_package(meta["model"]["text_encoder"])
+    cond = encoder.encode(["a large 7 at the top left", "a small 0 at the bottom"])
+
+    def draw(seed):
+        return sample(model, cond, (3, 32, 32), steps=3, guidance=2.0, generator=torch.Generator().manual_seed(seed))
+
+    a = draw(5)
+    assert a.shape == (2, 3, 32, 32) and torch.isfinite(a).all()
+    assert torch.equal(a, draw(5)) and not torch.equal(a, draw(6))
+    assert (export / EXPORT_META).is_file()
