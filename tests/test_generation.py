@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vitray.tasks.generation.data import CAPTION_BYTES, CODEC, decode_captions, encode_caption
+from vitray.tasks.generation.judge import Moments, frechet_distance, prompted_class
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +24,31 @@ def caption_shards(tmp_path_factory):
     m = pack(str(root / "scenes" / "captions.json"), str(root / "shards"), "coco", task="generation",
              images=str(root / "scenes" / "images"), progress=False)
     return root, m
+
+
+def _val_captions(root):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(sorted((root / "shards").glob("val-*.parquet"))).column("caption").to_pylist()
+
+
+def test_prompted_class_and_the_frechet_distance():
+    names = [str(i) for i in range(10)] + ["apple"]
+    assert [prompted_class(c, names) for c in ("a 7", "an apple", "a large 7 at the top left", "a small 0 in the "
+                                               "centre", "two items: a 3 in the centre and a 4 at the top", "a pear",
+                                               "a 12")] == [7, 10, 7, 0, None, None, None]
+    g = np.random.default_rng(0)
+    a, b = g.normal(size=(4000, 3)), g.normal(size=(4000, 3)) * 2 + 1
+    stats = []
+    for x in (a, b):
+        mom = Moments()
+        mom.add(torch.from_numpy(x[:2000]))
+        mom.add(torch.from_numpy(x[2000:]))
+        stats.append(Moments.stats(mom.packed(3, "cpu"), 3)[1:])
+    np.testing.assert_allclose(stats[0][1], np.cov(a.T), rtol=1e-9)
+    # N(0, I) vs N(1, 4I) in 3-D: |mu|^2 = 3, trace term 3 (1 + 4 - 2 * 2) = 3
+    assert abs(frechet_distance(*stats[0], *stats[1]) - 6.0) < 0.3
+    assert abs(frechet_distance(*stats[0], *stats[0])) < 1e-6
 
 
 def test_composed_captions_pack_as_image_caption_pairs(caption_shards):
@@ -63,10 +89,12 @@ def test_a_classification_pack_is_captioned_with_its_class_names():
         by_label.condition({"label": torch.tensor([3, -1])})
 
 
-def test_a_dit_trains_on_ray_with_deepspeed_and_its_export_samples_deterministically(ray_cluster, caption_shards,
-                                                                                        tmp_path):
-    """2 workers, ZeRO-2, 2 epochs on captioned scenes: val/loss (fixed noise) and the EMA's, the sample grid in
-    MLflow, and an export that builds the DiT back and samples the same images for the same seed."""
+def test_a_dit_trains_on_ray_with_deepspeed_judged_by_a_classifier_and_its_export_samples_deterministically(
+        ray_cluster, caption_shards, digits, tmp_path):
+    """2 workers, ZeRO-2, 2 epochs on captioned scenes: val/loss (fixed noise) and the EMA's, the judge's metrics
+    on the one-item captions, the sample grid in MLflow, and an export that builds the DiT back and samples the
+    same images for the same seed."""
+    from digits_classifier import train_digits_classifier
     from vitray.config import parse_config
     from vitray.models.export import EXPORT_META, read_export_meta
     from vitray.models.text_encoder import SentenceEncoder
@@ -77,11 +105,14 @@ def test_a_dit_trains_on_ray_with_deepspeed_and_its_export_samples_deterministic
     from vitray.train import run_training
 
     root, _ = caption_shards
+    judge = tmp_path / "judge"
+    train_digits_classifier(digits, judge, epochs=2)
+    one_item_val = sum(1 for c in _val_captions(root) if prompted_class(c, [str(i) for i in range(10)]) is not None)
     cfg = parse_config({
         "model": {"name": "vit_pico_patch4_32", "img_size": 32},
         "data": {"path": str(root / "shards"), "batch_size": 32},
         "train": {"task": "generation", "epochs": 2, "lr": 2e-3, "warmup_epochs": 0.5, "log_every_steps": 1},
-        "generation": {"sample_steps": 4},
+        "generation": {"sample_steps": 4, "judge": str(judge)},
         "deepspeed": {"zero_stage": 2},
         "cluster": {"num_workers": 2, "storage_path": str(tmp_path / "runs"), "run_name": "gen"},
         "tracking": {"experiment": "gen", "flush_interval_s": 1.0},
@@ -92,7 +123,10 @@ def test_a_dit_trains_on_ray_with_deepspeed_and_its_export_samples_deterministic
     history = client.get_metric_history(result.mlflow_run_id, "train/loss")
     assert len(history) == 4 and all(np.isfinite(h.value) for h in history)
     run = client.get_run(result.mlflow_run_id)
-    assert {"val/loss", "val/loss_ema"} <= set(run.data.metrics)
+    m = run.data.metrics
+    assert {"val/loss", "val/loss_ema", "val/cond_acc", "val/fd", "val/judge_real_acc"} <= set(m)
+    assert m["val/judged_samples"] == one_item_val > 5  # every one-item val caption, across both workers
+    assert 0 <= m["val/cond_acc"] <= 1 and 0 <= m["val/judge_real_acc"] <= 1 and m["val/fd"] > 0
     assert "pictures/val_samples.png" in {a.path for a in client.list_artifacts(result.mlflow_run_id, "pictures")}
 
     export = Path(result.export_dir)

@@ -282,6 +282,11 @@ class GenerationConfig(_Section):
     grid_prompts: list[str] | None = Field(None, description="prompts of the sample grid logged at each evaluation "
                                                               "(default: the first val rows' captions)")
     grid_seed: int = Field(0, description="the seed of the grid's noise: the same images epoch after epoch")
+    judge: str | None = Field(None, description="a classifier (models:/ URI, export folder) that judges samples: "
+                                                "val/cond_acc (it recovers the prompted class) and val/fd (Frechet "
+                                                "distance to real val images in its features; not FID)")
+    judge_samples: int = Field(256, ge=1, description="val rows each worker samples for the judge per evaluation "
+                                                       "(rows whose caption names one class)")
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -627,13 +632,17 @@ def check_config(cfg: RunConfig, *, models: bool = True, files: bool = True) -> 
         teacher = cfg.train.distillation
         if teacher.teacher and teacher.teacher_model and not is_model(teacher.teacher_model):
             errors.append(f"train.distillation.teacher_model: unknown model {teacher.teacher_model!r}")
+    if getattr(cfg.task_options(), "judge", None) and cfg.deepspeed.zero_stage == 3:
+        errors.append(f"{get_task(cfg.train.task).options}.judge: each worker samples for the judge on its own; "
+                      "use deepspeed.zero_stage <= 2 (under ZeRO-3 a forward is a collective)")
     if cfg.train.ema.enabled and cfg.deepspeed.zero_stage == 3:
         errors.append("train.ema.enabled: EMA needs the full weights on every rank: use deepspeed.zero_stage <= 2")
     if files:
         from vitray import storage
 
         for field, value in (("model.checkpoint", cfg.model.checkpoint),
-                             ("train.distillation.teacher", cfg.train.distillation.teacher)):
+                             ("train.distillation.teacher", cfg.train.distillation.teacher),
+                             ("generation.judge", cfg.generation.judge)):
             if not value or is_model_uri(value):
                 continue
             if storage.is_uri(value):

@@ -179,7 +179,9 @@ class _Worker:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + self.global_step)
-        self.task.setup(self.device, self.dtype, teacher_path=self._local_weights("teacher_checkpoint"))
+        judge = self._local_weights("judge_checkpoint")  # a model that judges the task's outputs (generation)
+        self.task.setup(self.device, self.dtype, teacher_path=self._local_weights("teacher_checkpoint"),
+                        **({"judge_path": judge} if judge else {}))
         from .faults import step_hooks
 
         self.step_hooks = step_hooks(self.rank, self.world)  # test-only fault injection, when its variables are set

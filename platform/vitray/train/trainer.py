@@ -307,6 +307,11 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
     # before any cluster work: a bad URI fails in seconds, and workers get a local folder (no MLflow access needed)
     init_checkpoint = _resolve_weights(cfg.model.checkpoint, "model.checkpoint", cfg.tracking.uri)
     teacher_checkpoint = _resolve_weights(cfg.train.distillation.teacher, "train.distillation.teacher", cfg.tracking.uri)
+    from vitray.tasks import get_task
+
+    section = get_task(cfg.train.task).options  # a task whose options name a judge model (generation)
+    judge_uri = getattr(cfg.task_options(), "judge", None)
+    judge_checkpoint = _resolve_weights(judge_uri, f"{section}.judge", cfg.tracking.uri)
     t0 = time.perf_counter()
     spec = dataset_spec(cfg.data)
     spec = _check_task(cfg, spec, teacher_checkpoint)
@@ -368,6 +373,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume: str | No
             "shuffle_buffer": shuffle_buffer_rows(cfg.data, img_size),
             "init_checkpoint": init_checkpoint, "teacher_checkpoint": teacher_checkpoint,
             "init_checkpoint_uri": cfg.model.checkpoint, "teacher_checkpoint_uri": cfg.train.distillation.teacher,
+            "judge_checkpoint": judge_checkpoint, "judge_checkpoint_uri": judge_uri,
             "resume_from": resume_from_checkpoint,
             "tracking": None if tracked is None else {**tracked.as_dict(), "resumed": tracked.resumed,
                                                       "tags": tags},

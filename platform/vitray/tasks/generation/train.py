@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 
+from vitray.tasks.generation.judge import Judge, Moments, frechet_distance, prompted_class
 from vitray.train.tasks import Metric, Task
 
 __all__ = ["TRAINING", "GenerationTask", "GenerationMetric", "EVAL_SEED", "class_caption"]
@@ -42,9 +43,17 @@ class GenerationMetric(Metric):
         self.prompts: list[str] = []
         self.real: list[torch.Tensor] = []
         self.grid = None  # (prompts, samples in [-1, 1]) drawn at sync with the weights being evaluated
+        self.judged = None  # (rows judged, generated correct, real correct) float64
+        self.gen_moments, self.real_moments = Moments(), Moments()
+        task._judge_left = task.cfg.generation.judge_samples
 
     def update(self, outputs, batch):
-        loss, captions = outputs
+        loss, captions, judged = outputs
+        if judged is not None:
+            counts, gen_feats, real_feats = judged
+            self.judged = counts if self.judged is None else self.judged + counts
+            self.gen_moments.add(gen_feats)
+            self.real_moments.add(real_feats)
         s = torch.stack([loss.double().sum(), torch.tensor(float(len(loss)), dtype=torch.float64, device=loss.device)])
         self.sums = s if self.sums is None else self.sums + s
         for text, img in zip(captions, batch["image"]):
@@ -54,6 +63,13 @@ class GenerationMetric(Metric):
 
     def sync(self, reduce, gather=None):
         self.sums = reduce(self.sums if self.sums is not None else torch.zeros(2, dtype=torch.float64)).cpu()
+        judge = self.task.judge
+        if judge is not None:  # every rank reduces, judged rows or not
+            dim, device = judge.dim, self.task.device
+            zeros = torch.zeros(3, dtype=torch.float64, device=device)
+            self.judged = reduce(self.judged if self.judged is not None else zeros).cpu()
+            self.gen_packed = reduce(self.gen_moments.packed(dim, device)).cpu()
+            self.real_packed = reduce(self.real_moments.packed(dim, device)).cpu()
         if self.keep:  # every rank samples as many images (under ZeRO-3 a forward is a collective)
             g = self.task.cfg.generation
             own = list(g.grid_prompts) if g.grid_prompts else self.prompts[:GRID_PROMPTS]
@@ -64,7 +80,17 @@ class GenerationMetric(Metric):
 
     def compute(self):
         loss_sum, n = self.sums.tolist()
-        return {"val/loss": loss_sum / max(n, 1.0)}
+        out = {"val/loss": loss_sum / max(n, 1.0)}
+        if self.task.judge is not None and self.judged is not None and self.judged[0] > 0:
+            rows, gen_ok, real_ok = self.judged.tolist()
+            out.update({"val/cond_acc": gen_ok / rows, "val/judge_real_acc": real_ok / rows,
+                        "val/judged_samples": rows})
+            dim = self.task.judge.dim
+            n1, mu1, cov1 = Moments.stats(self.gen_packed, dim)
+            n2, mu2, cov2 = Moments.stats(self.real_packed, dim)
+            if n1 > 1 and n2 > 1:
+                out["val/fd"] = frechet_distance(mu1, cov1, mu2, cov2)
+        return out
 
     def pictures(self, is_rank0):
         if not self.keep or not is_rank0 or self.grid is None or not self.grid[0]:
@@ -93,11 +119,15 @@ class GenerationTask(Task):
         if self.by_label and class_names and len(class_names) != self.num_classes:
             raise ValueError(f"model.num_classes is {self.num_classes} but the dataset has {len(class_names)} classes")
         self.encoder = None
+        self.judge = None
+        self._judge_left = 0
         self.model = None  # the model being trained (the sample grid draws from it)
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def setup(self, device, dtype, teacher_path=None):
+    def setup(self, device, dtype, teacher_path=None, judge_path=None):
         self.device, self.dtype = device, dtype
+        if judge_path:
+            self.judge = Judge(judge_path, device)
         if not self.by_label:
             from vitray.models.text_encoder import SentenceEncoder
 
@@ -154,7 +184,29 @@ class GenerationTask(Task):
         self.model = model
         x = self.inputs(batch, dtype)
         g = torch.Generator(device=x.device).manual_seed(EVAL_SEED)
-        return flow_loss(model, x, self.condition(batch), generator=g, reduce=False), self.captions(batch)
+        captions = self.captions(batch)
+        loss = flow_loss(model, x, self.condition(batch), generator=g, reduce=False)
+        return loss, captions, self._judged(model, batch, captions)
+
+    def _judged(self, model, batch, captions):
+        """For val rows whose caption names one of the judge's classes (up to ``judge_samples`` a pass): one sample
+        each (seeded), and (counts (rows, samples recognised, real images recognised), sample features, real
+        features)."""
+        if self.judge is None or self._judge_left <= 0:
+            return None
+        targets = [prompted_class(c, self.judge.names) for c in captions]
+        rows = [i for i, t in enumerate(targets) if t is not None][:self._judge_left]
+        if not rows:
+            return None
+        self._judge_left -= len(rows)
+        want = torch.tensor([targets[i] for i in rows], device=self.device)
+        seed = EVAL_SEED + self._judge_left  # a fixed seed per position in the pass: the same noise every epoch
+        samples = self.generate(model, [captions[i] for i in rows], seed=seed).to(self.device)
+        gen_feats, gen_logits = self.judge(((samples.float().clamp(-1, 1) + 1) * 127.5).round())
+        real_feats, real_logits = self.judge(batch["image"][rows])
+        counts = torch.tensor([len(rows), float((gen_logits.argmax(1) == want).sum()),
+                               float((real_logits.argmax(1) == want).sum())], dtype=torch.float64, device=self.device)
+        return counts, gen_feats, real_feats
 
     @torch.no_grad()
     def generate(self, model, prompts: list[str], seed: int = 0) -> torch.Tensor:
@@ -163,9 +215,8 @@ class GenerationTask(Task):
 
         g, arch = self.cfg.generation, model.arch if hasattr(model, "arch") else model.module.arch
         if self.by_label:
-            names = {n: i for i, n in enumerate(self.class_names)}
-            cond = torch.tensor([names.get(p.removeprefix("a ").removeprefix("an "), 0) for p in prompts],
-                                device=self.device)
+            ids = [prompted_class(p, self.class_names) for p in prompts]
+            cond = torch.tensor([0 if i is None else i for i in ids], device=self.device)
         else:
             cond = self.encode(prompts)
         was = model.training
