@@ -143,3 +143,68 @@ def test_a_dit_trains_on_ray_with_deepspeed_judged_by_a_classifier_and_its_expor
     assert a.shape == (2, 3, 32, 32) and torch.isfinite(a).all()
     assert torch.equal(a, draw(5)) and not torch.equal(a, draw(6))
     assert (export / EXPORT_META).is_file()
+
+
+@pytest.fixture(scope="module")
+def random_generator(tmp_path_factory):
+    """A generator export with random weights (every layer non-zero: a fresh DiT would draw the same image for any
+    prompt): what `vitray generate` and the Generator read, without training one."""
+    from vitray.models.export import save_export
+    from vitray.models.dit import DiT, DiTArch
+
+    arch = dict(img_size=16, in_chans=3, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+                num_classes=0, cond_dim=384)
+    torch.manual_seed(0)
+    dit = DiT(DiTArch(**arch))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    folder = tmp_path_factory.mktemp("gen-export") / "export"
+    save_export(folder, dit.state_dict(), task="generation", class_names=[],
+                model={"name": "vit_pico_patch4_32", **arch, "condition": "caption",
+                       "text_encoder": "all-MiniLM-L6-v2", "sample_steps": 3, "guidance": 2.0},
+                preprocessing={"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                               "interpolation": "bicubic"})
+    return folder
+
+
+def test_an_image_depends_on_its_prompt_and_seed_only_never_on_its_batch(random_generator):
+    from vitray.tasks.generation.generator import GenerateError, Generator, png_bytes
+
+    gen = Generator(random_generator, width=4)
+    alone = gen.generate(["a 7 at the top left"], [11])
+    crowd = gen.generate(["a 3", "a 7 at the top left", "two items: a 1 and a 2", "a 9", "a 5", "a 7 at the top left"],
+                         [1, 11, 2, 3, 4, 12])
+    assert alone.shape == (1, 16, 16, 3) and alone.dtype == np.uint8
+    assert png_bytes(alone[0]) == png_bytes(crowd[1])  # the same bytes in another batch, at another position
+    assert not np.array_equal(crowd[1], crowd[5])  # another seed
+    assert not np.array_equal(gen.generate(["a 3"], [11]), alone)  # another prompt
+    blind = [gen.generate([p], [11], guidance=0.0) for p in ("a 3", "a 7 at the top left")]
+    assert np.array_equal(*blind)  # guidance 0: the prompt is ignored
+    for bad, match in ((dict(prompts=[" "]), "prompt: empty"), (dict(steps=0), "steps: 0"),
+                       (dict(guidance=25.0), "guidance: 25"), (dict(prompts=["x" * 600]), "at most 500")):
+        with pytest.raises(GenerateError, match=match):
+            gen.generate(bad.get("prompts", ["a 3"]), [0] * len(bad.get("prompts", ["a 3"])),
+                         steps=bad.get("steps"), guidance=bad.get("guidance"))
+
+
+def test_vitray_generate_writes_pngs_and_refuses_what_it_cannot_do(cli, random_generator, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    res = cli("generate", "a large 7 at the top left", "--model", str(random_generator), "--n", "3", "--seed", "5",
+              "-o", str(out), timeout=120)
+    assert res.returncode == 0, res.stderr
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == [f"a-large-7-at-the-top-left-seed{s}.png" for s in (5, 6, 7)]
+    assert Image.open(files[0]).size == (16, 16)
+    records = [json.loads(line) for line in (out / "generated.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["steps"], r["guidance"]) for r in records] == [(5, 3, 2.0), (6, 3, 2.0), (7, 3, 2.0)]
+    again = cli("generate", "a large 7 at the top left", "--model", str(random_generator), "--n", "1", "--seed", "6",
+                "-o", str(tmp_path / "again"), timeout=120)
+    assert again.returncode == 0 and (tmp_path / "again" / files[1].name).read_bytes() == files[1].read_bytes()
+    for args, message in ((["--steps", "0"], "steps: 0"), (["--guidance", "-1"], "guidance: -1"),
+                          (["--n", "0"], "--n 0")):
+        res = cli("generate", "a 7", "--model", str(random_generator), "-o", str(tmp_path / "x"), *args, timeout=120)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -378,6 +378,42 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    import json
+    import re
+
+    from vitray import console
+    from vitray.tasks.generation.generator import GenerateError, Generator, png_bytes
+    from vitray.tracking.uris import resolve_model_uri
+
+    if args.n < 1:
+        raise UsageError(f"--n {args.n}: at least 1")
+    export = resolve_model_uri(args.model, args.tracking_uri)
+    try:
+        gen = Generator(export, device=args.device)
+        images = gen.generate([args.prompt] * args.n, list(range(args.seed, args.seed + args.n)), steps=args.steps,
+                              guidance=args.guidance)
+    except GenerateError as err:
+        raise UsageError(str(err)) from None
+    out = Path(args.output).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:48] or "image"
+    records = []
+    for k, image in enumerate(images):
+        path = out / f"{slug}-seed{args.seed + k}.png"
+        path.write_bytes(png_bytes(image))
+        records.append({"file": path.name, "prompt": args.prompt, "seed": args.seed + k})
+    steps, guidance = gen.check(args.prompt, args.steps, args.guidance)
+    with open(out / "generated.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps({**r, "steps": steps, "guidance": guidance, "model": args.model}) + "\n")
+    console.say(f"[vitray] generated {len(records)} image(s) for {args.prompt!r} (seeds {args.seed}.."
+                f"{args.seed + args.n - 1}, {steps} steps, guidance {guidance:g}) into {out}")
+    for r in records:
+        print(out / r["file"])
+    return 0
+
+
 def score_parser(sub, command: str, captured) -> None:
     """``vitray score`` and ``vitray embed``: the same job (input, output, exactly-once units), task answers or
     embeddings."""
@@ -662,6 +698,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     for command in ("score", "embed"):
         score_parser(sub, command, captured)
+
+    p = sub.add_parser("generate", help="images for a text prompt from a generator (train.task: generation)")
+    p.add_argument("prompt", metavar="PROMPT", help="what to draw, e.g. 'a large 7 at the top left'")
+    p.add_argument("--model", required=True, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... "
+                                                                  "or an export folder")
+    p.add_argument("--n", type=int, default=4, help="images (seeds SEED, SEED+1, ...; default 4)")
+    p.add_argument("--seed", type=int, default=0, help="the first seed (default 0): the same seed, the same image")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's; "
+                                                                "0 ignores the prompt)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs and generated.jsonl")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--tracking-uri", dest="tracking_uri", default=None,
+                   help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, else the embedded "
+                        "sqlite store)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="a model for ONNX Runtime (fp32, and int8 with --int8), checked against "
                                       "PyTorch; a registered version gets it attached")
