@@ -208,3 +208,73 @@ def test_vitray_generate_writes_pngs_and_refuses_what_it_cannot_do(cli, random_g
                           (["--n", "0"], "--n 0")):
         res = cli("generate", "a 7", "--model", str(random_generator), "-o", str(tmp_path / "x"), *args, timeout=120)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_post_v1_generate_batches_concurrent_requests_and_answers_bad_ones_with_4xx(ray_cluster, random_generator,
+                                                                                   tmp_path):
+    """The generator registered in MLflow (its pyfunc: prompts in, PNGs out), served by Ray Serve over real HTTP:
+    48 concurrent requests all answered and batched, each PNG the same bytes as offline for its seed; bad JSON, an
+    empty prompt, out-of-range steps or guidance and unknown keys get 400 JSON, and the server keeps serving."""
+    import concurrent.futures as cf
+    import socket
+
+    import mlflow
+    import pandas as pd
+    import requests
+    from ray import serve
+
+    from vitray.config import TrackingConfig, parse_config
+    from vitray.serve import app
+    from vitray.tasks.generation.generator import Generator, png_bytes
+    from vitray.tracking.registry import log_and_register
+    from vitray.tracking.uris import tracking_scope
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    reg = log_and_register(str(random_generator), TrackingConfig(uri=uri, registered_model="gen"))
+    assert (reg.name, reg.alias) == ("gen", "champion")
+    offline = Generator(random_generator)
+    prompts = [f"a {i % 10} at the top left" if i % 3 else f"two items: a {i % 10} and a {(i + 1) % 10}"
+               for i in range(48)]
+    expected = [png_bytes(im) for im in offline.generate(prompts, list(range(100, 148)))]
+    with tracking_scope(uri):
+        pyfunc = mlflow.pyfunc.load_model("models:/gen@champion")
+    frame = pyfunc.predict(pd.DataFrame({"prompt": prompts[:3], "seed": [100, 101, 102]}))
+    assert list(frame["image"]) == expected[:3] and list(frame["seed"]) == [100, 101, 102]
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = parse_config({"tracking": {"uri": uri}, "serve": {
+        "port": port, "models": [{"name": "gen", "uri": "models:/gen@champion"}], "max_batch_size": 16,
+        "batch_wait_timeout_s": 0.2, "cpus_per_replica": 1}})
+    app.deploy(cfg)
+    url = f"http://127.0.0.1:{port}/v1/generate"
+    try:
+        def one(i):
+            r = requests.post(url, json={"prompt": prompts[i], "seed": 100 + i}, timeout=120)
+            return r.status_code, r.headers, r.content
+
+        with cf.ThreadPoolExecutor(48) as pool:
+            results = list(pool.map(one, range(48)))
+        assert [r[0] for r in results] == [200] * 48
+        assert all(h["content-type"] == "image/png" and h["x-vitray-seed"] == str(100 + i)
+                   and h["x-vitray-model-version"] == reg.version for i, (_, h, _) in enumerate(results))
+        assert [body for _, _, body in results] == expected  # byte for byte, however the requests were batched
+        sizes = [int(h["x-vitray-batch-size"]) for _, h, _ in results]
+        assert max(sizes) > 1, f"batches did not form: {sorted(sizes)}"
+        drawn = requests.post(url, json={"prompt": "a 3", "steps": 2, "guidance": 1.5}, timeout=60)
+        assert drawn.status_code == 200 and int(drawn.headers["x-vitray-seed"]) >= 0
+        again = requests.post(url, json={"prompt": "a 3", "steps": 2, "guidance": 1.5,
+                                         "seed": int(drawn.headers["x-vitray-seed"])}, timeout=60)
+        assert again.content == drawn.content  # a drawn seed comes back in the header: the image can be redrawn
+        for body, message in ((b"{not json", "not JSON"), (b'{"prompt": ""}', "prompt"),
+                              (b'{"prompt": "a 3", "steps": 0}', "steps"),
+                              (b'{"prompt": "a 3", "guidance": 99}', "guidance"),
+                              (b'{"prompt": "a 3", "colour": "red"}', "colour"), (b'["a 3"]', "")):
+            r = requests.post(url, data=body, headers={"content-type": "application/json"}, timeout=60)
+            assert r.status_code == 400 and message in r.json()["error"], (body, r.status_code, r.text)
+        assert requests.post(url, json={"prompt": "a 3"}, params={"model": "nope"}, timeout=60).status_code == 404
+        assert requests.post(url, json={"prompt": prompts[0], "seed": 100}, timeout=60).content == expected[0]
+    finally:
+        serve.shutdown()

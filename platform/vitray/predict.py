@@ -137,6 +137,9 @@ class Predictor:
         its ViT encoder (``vitray embed``; :mod:`vitray.tasks.embedding`)."""
         self.meta = meta
         self.head = head_of(meta)
+        if getattr(self.head, "inputs", "image") != "image":
+            raise InputError(f"a {meta['task']} model takes {self.head.inputs}s, not images: sample it with "
+                             f"`vitray generate`, its POST route or its MLflow pyfunc")
         self.runtime = getattr(model, "runtime", "torch")
         if outputs == "embedding":
             from vitray.tasks.embedding import embedder, embedding_head_of

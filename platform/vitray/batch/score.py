@@ -286,6 +286,9 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
             head = get_task(meta["task"], "infer").load("infer")  # the task's columns and answers
         except TaskError as err:
             raise InputError(f"model {model_uri}: {err}") from None
+        if getattr(head, "inputs", "image") != "image":
+            raise InputError(f"model {model_uri}: a {meta['task']} model takes {head.inputs}s, not images (sample it "
+                             "with `vitray generate` or its POST route)")
         if outputs == "embedding":
             from vitray.tasks.embedding import EmbeddingHead, embedding_head_of
 

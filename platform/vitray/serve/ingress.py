@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -242,6 +242,44 @@ class _Routes:
         return JSONResponse(result, headers={"x-vitray-batch-size": str(batch), "x-vitray-model-version":
                                              str(result.get("version"))})
 
+    async def _generate(self, task: str, request: Request) -> Response:
+        """A prompt route: a JSON body validated by the head's ``Request`` model; the answer is the PNG itself."""
+        import json
+
+        from pydantic import ValidationError
+
+        from vitray.predict import head_of
+        from vitray.serve.model import params_error
+
+        self.auth.check(request.headers.get("authorization"))
+        params = dict(request.query_params)
+        name = await self._model(params.pop("model", None), task)
+        if params:
+            raise ApiError(400, f"unknown query parameter(s): {', '.join(sorted(params))} (the request is the JSON "
+                                "body)")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.limit:
+            raise ApiError(413, f"body of {int(declared):,} bytes; the limit is {self.limit:,}")
+        body = await request.body()
+        if len(body) > self.limit:
+            raise ApiError(413, f"body of {len(body):,} bytes; the limit is {self.limit:,}")
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not JSON: send {\"prompt\": \"...\", \"seed\"?, \"steps\"?, "
+                                "\"guidance\"?}") from None
+        try:
+            req = head_of({"task": task}).Request.model_validate(payload)
+        except ValidationError as err:
+            raise ApiError(400, params_error(err)) from None
+        result = await self.models[name].answer(req.model_dump(), {})
+        if "error" in result:
+            raise ApiError(result["status"], result["error"])
+        return Response(result["png"], media_type="image/png", headers={
+            "x-vitray-seed": str(result["seed"]), "x-vitray-model-version": str(result.get("version")),
+            "x-vitray-model": name, "x-vitray-batch-size": str(result.get("batch_size")),
+            "x-vitray-steps": str(result["steps"]), "x-vitray-guidance": f"{result['guidance']:g}"})
+
     async def reconfigure(self, user_config: dict) -> None:
         """Models running in this replica: ``{"models": {name: that model's user_config}}``."""
         for name, cfg in (user_config.get("models") or {}).items():
@@ -284,6 +322,12 @@ class _Routes:
         return {"status": "ok", "models": list(self.models)}
 
 
+def _task_head(task: str):
+    from vitray.predict import head_of
+
+    return head_of({"task": task})
+
+
 def _route_method(task: str, route: str):
     """``POST route``: one image in, the task's answer out; parameters and response documented from its head."""
     from vitray.predict import head_of
@@ -309,7 +353,28 @@ def _route_method(task: str, route: str):
                                 "file": {"type": "string", "format": "binary"}}}}}}})(method)
 
 
+def _prompt_route_method(task: str, route: str):
+    """``POST route``: a JSON prompt in, an image out (a task whose head takes prompts)."""
+    from vitray.predict import head_of
+
+    head = head_of({"task": task})
+
+    async def method(self, request: Request):
+        return await self._generate(task, request)
+
+    method.__name__ = f"post_{task}"
+    method.__qualname__ = f"{_Routes.__qualname__}.post_{task}"
+    return api.post(route, response_class=Response, responses={**_ERRORS, 200: {
+        "content": {"image/png": {}}, "description": "the image; x-vitray-seed, x-vitray-model-version headers"}},
+        summary=head.summary, openapi_extra={
+            "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+                            "description": "served model name (default: the first model of this task)"}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": head.Request.model_json_schema()}}}})(method)
+
+
 for _task, _route in routes().items():
-    setattr(_Routes, f"post_{_task}", _route_method(_task, _route))
+    _make = _prompt_route_method if getattr(_task_head(_task), "inputs", "image") == "prompt" else _route_method
+    setattr(_Routes, f"post_{_task}", _make(_task, _route))
 
 Ingress = serve.deployment(serve.ingress(api)(_Routes))

@@ -106,15 +106,27 @@ class ModelRunner:
         from vitray.tracking.uris import resolve_model_uri
 
         t0 = time.time()
+        from vitray.export_format import read_export_meta
+        from vitray.tasks import get_task
+
         with tempfile.TemporaryDirectory(prefix=f"vitray-serve-{self.name}-") as tmp:
             folder = resolve_model_uri(pin["uri"], self.tracking_uri, dest=tmp, runtime=self.runtime)
-            predictor = Predictor.from_export(folder, runtime=self.runtime, threads=self.threads, device=self.device,
-                                              precision=self.precision, max_pixels=self.max_pixels)
+            if get_task(read_export_meta(folder)["task"]).inputs == "prompt":  # a generator: prompts in
+                from vitray.tasks.generation.generator import Generator
+
+                predictor = Generator(folder, device=self.device, width=self._batching.get("max_batch_size", 16))
+            else:
+                predictor = Predictor.from_export(folder, runtime=self.runtime, threads=self.threads,
+                                                  device=self.device, precision=self.precision,
+                                                  max_pixels=self.max_pixels)
         meta = predictor.meta
         if self.task and meta["task"] != self.task:
             raise ValueError(f"model {self.name} ({pin['source']}): a {meta['task']} model, configured as {self.task}")
         size = predictor.input_size
-        predictor.forward(np.zeros((2, 3, size, size), np.uint8))  # warm-up: the first call is slow
+        if hasattr(predictor, "generate"):  # warm-up: the first call is slow
+            predictor.generate([predictor.example_prompt], [0], steps=1)
+        else:
+            predictor.forward(np.zeros((2, 3, size, size), np.uint8))
         # the key names what a crop depends on (the version and its preprocessing), the same in every replica
         digest = hashlib.sha256(json.dumps(meta["preprocessing"], sort_keys=True).encode()).hexdigest()[:12]
         loaded = LoadedModel(predictor, pin, key=f"{pin['uri']}#{digest}")
@@ -128,8 +140,9 @@ class ModelRunner:
 
         self._batching = {"max_batch_size": int(user_config.get("max_batch_size", 16)),
                           "batch_wait_timeout_s": float(user_config.get("batch_wait_timeout_s", 0.01))}
-        self.predict_batch.set_max_batch_size(self._batching["max_batch_size"])
-        self.predict_batch.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
+        for batched in (self.predict_batch, self.generate_batch):
+            batched.set_max_batch_size(self._batching["max_batch_size"])
+            batched.set_batch_wait_timeout_s(self._batching["batch_wait_timeout_s"])
         loop = asyncio.get_running_loop()
         async with self._reload_lock:
             pin = user_config.get("model") or {}
@@ -150,6 +163,8 @@ class ModelRunner:
         ingress for model ``key``; ``params``: the route's query parameters. Returns a JSON-ready dict; bad input
         comes back as ``{"error", "status"}``, never as an exception."""
         current = self._current
+        if isinstance(image, dict):  # a prompt (a generator's route)
+            return await self._generate(current, image)
         head = current.predictor.head
         try:
             parsed = head.Params.model_validate(params)
@@ -169,6 +184,50 @@ class ModelRunner:
         out = {"model": self.name, "version": current.pin["version"], "alias": current.pin["alias"],
                **head.respond(result, size, parsed, current.predictor.meta), "batch_size": batch_size}
         return out
+
+    async def _generate(self, current: LoadedModel, request: dict) -> dict:
+        import secrets
+
+        from vitray.tasks.generation.generator import GenerateError
+
+        gen = current.predictor
+        if not hasattr(gen, "generate"):
+            return {"error": f"model {self.name} is a {current.predictor.task} model: it takes images", "status": 400}
+        try:
+            steps, guidance = gen.check(request.get("prompt"), request.get("steps"), request.get("guidance"))
+        except GenerateError as err:
+            return {"error": str(err), "status": 400}
+        seed = request.get("seed")
+        seed = secrets.randbelow(2**31) if seed is None else int(seed)
+        png, batch_size = await self.generate_batch((current, request["prompt"], seed, steps, guidance))
+        return {"png": png, "seed": seed, "steps": steps, "guidance": guidance, "model": self.name,
+                "version": current.pin["version"], "alias": current.pin["alias"], "batch_size": batch_size}
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, items: list[tuple]) -> list[tuple[bytes, int]]:
+        """Prompts of concurrent requests sampled together (those with the same model version, steps and guidance);
+        each image depends on its own prompt and seed only."""
+        from vitray.tasks.generation.generator import png_bytes
+
+        loop = asyncio.get_running_loop()
+        results: list = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (loaded, _, _, steps, guidance) in enumerate(items):
+            groups.setdefault((id(loaded), steps, guidance), []).append(i)
+        for (_, steps, guidance), idx in groups.items():
+            loaded = items[idx[0]][0]
+
+            def run(idx=idx, loaded=loaded, steps=steps, guidance=guidance):
+                images = loaded.predictor.generate([items[i][1] for i in idx], [items[i][2] for i in idx],
+                                                   steps=steps, guidance=guidance)
+                return [png_bytes(im) for im in images]
+
+            pngs = await loop.run_in_executor(self._forward, run)
+            for j, i in enumerate(idx):
+                results[i] = (pngs[j], len(items))
+        if self._batch_metric is not None:
+            self._batch_metric.observe(len(items))
+        return results
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray, tuple]]) -> list[tuple[object, int]]:

@@ -43,6 +43,7 @@ class TaskInfo:
     card: str = ""                 # the registered model version's description: what the model is and is not
     reads: tuple[str, ...] = ()    # other tasks' packs it trains on (their class names kept)
     ema_decay: float | None = None  # EMA of weights on by default (train.ema not given) with this decay
+    inputs: str = "image"          # what its model answers: "image" (an image in) or "prompt" (a text prompt in)
     layers: dict[str, str] = field(default_factory=dict)  # layer -> "module:attribute"
 
     def has(self, layer: str) -> bool:
@@ -82,11 +83,12 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in (
                   "model's URI (classification, segmentation, detection), or probe it with train.linear_probe.",
              layers=_layers("mae", *LAYERS)),
     TaskInfo("generation", "an image from a caption (diffusion transformer)", "val/loss", "min", "flow loss",
-             ("caption",), options="generation", pictures="generated samples", reads=("classification",),
-             ema_decay=0.999,
+             ("caption",), "/v1/generate", options="generation", pictures="generated samples",
+             reads=("classification",),
+             ema_decay=0.999, inputs="prompt",
              card="A diffusion transformer (DiT, rectified flow) that draws an image for a caption; not a "
                   "classifier. Sample it with `vitray generate`.",
-             layers=_layers("generation", "data", "train", "model")),
+             layers=_layers("generation", *LAYERS)),
 )}
 
 

@@ -160,11 +160,19 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
                 m = meta.get("metrics") or {}
                 client.log_batch(run_id, metrics=[Metric(k, float(v), 0, int(m.get("step", 0))) for k, v in m.items()
                                                   if isinstance(v, (int, float))])
-            example = pd.DataFrame({"image": [example_image or _example_png(meta["preprocessing"]["img_size"])]})
-            predictor = Predictor.from_export(local)
+            if get_task(meta["task"]).inputs == "prompt":  # a generator: prompts in, PNGs out
+                from vitray.tasks.generation.generator import Generator
+
+                predictor = Generator(local)
+                example = pd.DataFrame({"prompt": [predictor.example_prompt], "seed": [0]})
+                output = predictor.frame(example)
+            else:
+                example = pd.DataFrame({"image": [example_image or _example_png(meta["preprocessing"]["img_size"])]})
+                predictor = Predictor.from_export(local)
+                output = predictor.frame(list(example["image"]))
             with warnings.catch_warnings():  # MLflow's hint that an int column cannot hold NaN: label never misses
                 warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
-                signature = infer_signature(example, predictor.frame(list(example["image"])))
+                signature = infer_signature(example, output)
             code = str(Path(__file__).with_name("pyfunc_model.py"))
             status_before = client.get_run(run_id).info.status
             with mlflow.start_run(run_id=run_id):
@@ -189,7 +197,7 @@ def log_and_register(export_dir: str, tracking_cfg, *, run_id: str | None = None
             info = get_task(meta["task"])  # "auto": the task's primary metric and direction
             if info.card:  # the model card: what this version is (an MAE encoder is a backbone, not a classifier)
                 client.update_model_version(name, mv.version, description=f"{info.card} {meta['model']['name']}, "
-                                            f"{predictor.head.describe(meta)}.")
+                                            f"{predictor.describe() if hasattr(predictor, 'describe') else predictor.head.describe(meta)}.")
             metric = info.primary_metric if tracking_cfg.promotion_metric == "auto" else tracking_cfg.promotion_metric
             mode = info.mode if tracking_cfg.promotion_mode == "auto" else tracking_cfg.promotion_mode
             value = (meta.get("metrics") or {}).get(metric)

@@ -13,11 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Generator", "GenerateError", "png_bytes", "MAX_STEPS", "MAX_GUIDANCE", "MAX_PROMPT"]
+from vitray.tasks.generation.infer import MAX_GUIDANCE, MAX_PROMPT, MAX_STEPS  # the route's limits
 
-MAX_STEPS = 1000
-MAX_GUIDANCE = 20.0
-MAX_PROMPT = 500  # characters
+__all__ = ["Generator", "GenerateError", "png_bytes", "MAX_STEPS", "MAX_GUIDANCE", "MAX_PROMPT"]
 
 
 class GenerateError(ValueError):
@@ -33,7 +31,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 class Generator:
-    def __init__(self, export: str | Path, device: str | torch.device = "cpu", width: int = 8):
+    def __init__(self, export: str | Path, device: str | torch.device = "cpu", width: int = 16):
         from vitray.models.export import load_export, read_export_meta
 
         meta = read_export_meta(export)
@@ -50,12 +48,23 @@ class Generator:
             from vitray.models.text_encoder import SentenceEncoder
 
             self.encoder = SentenceEncoder.from_package(self.arch["text_encoder"]).to(self.device)
+        # what the serving layer reads of any loaded model
+        self.task, self.runtime, self.precision = "generation", "torch", "fp32"
+        self.input_size = int(self.arch["img_size"])
         self.steps = int(self.arch.get("sample_steps", 12))
         self.guidance = float(self.arch.get("guidance", 2.0))
 
     @property
-    def version(self) -> str:
-        return str(self.meta.get("version") or self.meta.get("run_id") or "")
+    def example_prompt(self) -> str:
+        from vitray.tasks.generation.train import class_caption
+
+        return class_caption(self.class_names[0]) if self.encoder is None and self.class_names else "a 7"
+
+    def describe(self) -> str:
+        cond = (f"conditioned on captions ({self.arch['text_encoder']})" if self.encoder is not None
+                else f"conditioned on {len(self.class_names)} classes")
+        return (f"{cond}, {self.arch['img_size']} px, {self.steps} Euler steps and guidance {self.guidance:g} by "
+                "default")
 
     def check(self, prompt: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
         """The sampler settings a request gets; :class:`GenerateError` naming what is out of range."""
@@ -83,6 +92,18 @@ class Generator:
         from vitray.tasks.generation.judge import prompted_class
 
         return torch.tensor([prompted_class(p, self.class_names) for p in prompts], device=self.device)
+
+    def frame(self, frame, steps: int | None = None, guidance: float | None = None):
+        """The MLflow pyfunc: ``prompt`` (and optional ``seed``) per row -> ``image`` (PNG bytes), ``prompt``, ``seed``."""
+        import pandas as pd
+
+        if "prompt" not in frame.columns:
+            raise GenerateError(f"input needs a column 'prompt'; got {list(frame.columns)}")
+        prompts = [str(p) for p in frame["prompt"]]
+        seeds = [int(x) for x in frame["seed"]] if "seed" in frame.columns else list(range(len(prompts)))
+        images = self.generate(prompts, seeds, steps=None if steps is None else int(steps),
+                               guidance=None if guidance is None else float(guidance))
+        return pd.DataFrame({"image": [png_bytes(im) for im in images], "prompt": prompts, "seed": seeds})
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
