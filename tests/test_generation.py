@@ -145,14 +145,13 @@ def test_a_dit_trains_on_ray_with_deepspeed_judged_by_a_classifier_and_its_expor
     assert (export / EXPORT_META).is_file()
 
 
-@pytest.fixture(scope="module")
-def random_generator(tmp_path_factory):
+def _random_export(folder, img_size: int = 16, steps: int = 3):
     """A generator export with random weights (every layer non-zero: a fresh DiT would draw the same image for any
-    prompt): what `vitray generate` and the Generator read, without training one."""
+    prompt): what `vitray generate`, the Generator and serving read, without training one."""
     from vitray.models.export import save_export
     from vitray.models.dit import DiT, DiTArch
 
-    arch = dict(img_size=16, in_chans=3, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
+    arch = dict(img_size=img_size, in_chans=3, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0,
                 num_classes=0, cond_dim=384)
     torch.manual_seed(0)
     dit = DiT(DiTArch(**arch))
@@ -160,13 +159,17 @@ def random_generator(tmp_path_factory):
     with torch.no_grad():
         for p in dit.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    folder = tmp_path_factory.mktemp("gen-export") / "export"
     save_export(folder, dit.state_dict(), task="generation", class_names=[],
                 model={"name": "vit_pico_patch4_32", **arch, "condition": "caption",
-                       "text_encoder": "all-MiniLM-L6-v2", "sample_steps": 3, "guidance": 2.0},
-                preprocessing={"img_size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                       "text_encoder": "all-MiniLM-L6-v2", "sample_steps": steps, "guidance": 2.0},
+                preprocessing={"img_size": img_size, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
                                "interpolation": "bicubic"})
     return folder
+
+
+@pytest.fixture(scope="module")
+def random_generator(tmp_path_factory):
+    return _random_export(tmp_path_factory.mktemp("gen-export") / "export")
 
 
 def test_an_image_depends_on_its_prompt_and_seed_only_never_on_its_batch(random_generator):
@@ -278,3 +281,57 @@ def test_post_v1_generate_batches_concurrent_requests_and_answers_bad_ones_with_
         assert requests.post(url, json={"prompt": prompts[0], "seed": 100}, timeout=60).content == expected[0]
     finally:
         serve.shutdown()
+
+
+@pytest.mark.slow
+def test_vitray_score_draws_a_prompt_file_exactly_once_across_a_kill(tmp_path):
+    """`vitray score` with a generator: Parquet and CSV prompt files -> one PNG per row in units written whole;
+    SIGKILLed once a unit is on disk, the rerun draws only the rest: every id once, each image the bytes
+    `Generator` draws offline for its prompt and seed, an empty prompt an error row."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from killing import run_and_kill_midway
+    from vitray.tasks.generation.generator import Generator, png_bytes
+
+    model = _random_export(tmp_path / "slow-export", img_size=32, steps=40)  # enough work to kill the job midway
+    src = tmp_path / "prompts"
+    src.mkdir()
+    expected = {}
+    for f in range(5):
+        prompts = [f"a {(f + i) % 10} at the {'top' if i % 2 else 'bottom'}" for i in range(30)]
+        if f == 2:
+            prompts[7] = ""
+        ids = [f"f{f}-{i}" for i in range(30)]
+        pq.write_table(pa.table({"id": ids, "prompt": prompts, "seed": [1000 * f + i for i in range(30)]}),
+                       src / f"batch-{f}.parquet")
+        expected.update({k: (p, 1000 * f + i) for i, (k, p) in enumerate(zip(ids, prompts))})
+    (src / "more.csv").write_text("prompt\n" + "".join(f"a large {i} in the centre\n" for i in range(12)))
+    expected.update({f"more.csv:{i}": (f"a large {i} in the centre", i) for i in range(12)})
+
+    out = tmp_path / "drawn"
+    cmd = [sys.executable, "-m", "vitray.cli", "score", "--model", str(model), "--input", str(src),
+           "--output", str(out), "--batch-size", "16"]
+    env = {**os.environ, "VITRAY_HOME": str(tmp_path / "home"), "PYTHONWARNINGS": "ignore"}
+    done_before = run_and_kill_midway(cmd, env, tmp_path / "first.log", lambda: list(out.glob("part-*.parquet")), 6,
+                                      timeout=240)
+    assert len(done_before) in range(1, 6)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["units"] == 6 and summary["units_skipped"] == len(done_before) and summary["error_rows"] == 1
+    table = pq.read_table(sorted(out.glob("part-*.parquet")))
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(expected) == 162 and set(ids) == set(expected)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["f2-7"]["error"] == "prompt: empty" and rows["f2-7"]["image"] is None
+    gen = Generator(model, width=16)
+    check = ["f0-0", "f2-8", "f4-29", "more.csv:3"]
+    drawn = gen.generate([expected[k][0] for k in check], [expected[k][1] for k in check])
+    for k, im in zip(check, drawn):
+        assert rows[k]["seed"] == expected[k][1] and rows[k]["image"] == png_bytes(im), k
+    assert not list(out.glob(".part-*"))

@@ -258,6 +258,12 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
 
     tracking_cfg = tracking_cfg or TrackingConfig()
     tracking_uri = default_tracking_uri(tracking_cfg.uri)
+    if outputs == "task" and _takes_prompts(model_uri, tracking_uri):  # a generator: prompts in, images out
+        from vitray.batch.prompts import score_prompts
+
+        return score_prompts(model_uri, input_path, output, batch_size=batch_size, concurrency=concurrency,
+                             use_gpu=use_gpu, cpus_per_actor=cpus_per_actor, tracking_cfg=tracking_cfg,
+                             overwrite=overwrite, address=address, stall_timeout_s=stall_timeout_s)
     inp = discover(input_path, fmt, image_column=image_column, files_per_unit=files_per_unit)
     if storage.is_uri(output):
         storage.check(output, "--output", write=True)
@@ -287,8 +293,8 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         except TaskError as err:
             raise InputError(f"model {model_uri}: {err}") from None
         if getattr(head, "inputs", "image") != "image":
-            raise InputError(f"model {model_uri}: a {meta['task']} model takes {head.inputs}s, not images (sample it "
-                             "with `vitray generate` or its POST route)")
+            raise InputError(f"model {model_uri}: a {meta['task']} model takes {head.inputs}s, not images (it has no "
+                             "embeddings; `vitray score` draws an image per prompt row)")
         if outputs == "embedding":
             from vitray.tasks.embedding import EmbeddingHead, embedding_head_of
 
@@ -335,6 +341,19 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
             raise ScoreError(f"{errors:,} of {rows:,} rows are errors (e.g. {_first_error(out)}): the input is not "
                              f"what this model reads; the rows are in {out}")
         return summary
+
+
+def _takes_prompts(model_uri: str, tracking_uri: str) -> bool:
+    """The model's task reads prompts (a generator), from its export's meta."""
+    import tempfile
+
+    from vitray.export_format import read_export_meta
+    from vitray.tasks import TASKS
+    from vitray.tracking.uris import resolve_model_uri
+
+    with tempfile.TemporaryDirectory(prefix="vitray-score-task-") as tmp:
+        task = read_export_meta(resolve_model_uri(model_uri, tracking_uri, dest=tmp))["task"]
+    return task in TASKS and TASKS[task].inputs == "prompt"
 
 
 MAX_ERROR_SHARE = 0.5  # a job whose output is mostly error rows fails (exit 1) instead of looking done
