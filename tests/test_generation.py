@@ -335,3 +335,60 @@ def test_vitray_score_draws_a_prompt_file_exactly_once_across_a_kill(tmp_path):
     for k, im in zip(check, drawn):
         assert rows[k]["seed"] == expected[k][1] and rows[k]["image"] == png_bytes(im), k
     assert not list(out.glob(".part-*"))
+
+
+def test_the_chain_labels_generated_images_and_finds_their_nearest_real_images(ray_cluster, random_generator,
+                                                                               digits, cli, tmp_path):
+    """caption -> image (generator) -> label (classifier) -> look-alikes (the `vitray embed` catalogue of the
+    digits, built with that classifier): labels are the classifier's argmax, look-alikes the catalogue rows of
+    highest cosine similarity to the image's own embedding, with their images read back from the shards."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from vitray.batch import score
+    from vitray.chain import Catalogue, run_chain
+    from vitray.models import create_model
+    from vitray.models.export import save_export
+    from vitray.predict import Predictor
+
+    torch.manual_seed(1)
+    classifier = save_export(tmp_path / "cls", create_model("vit_pico_patch4_32", num_classes=10).state_dict(),
+                             model={"name": "vit_pico_patch4_32", "num_classes": 10, "img_size": 32,
+                                    "pos_embed": "learned", "global_pool": "token", "in_chans": 3},
+                             task="classification", class_names=[str(i) for i in range(10)],
+                             preprocessing={"img_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0,
+                                            "interpolation": "bicubic"})
+    catalogue = tmp_path / "catalogue"
+    score(str(classifier), digits, str(catalogue), batch_size=256, outputs="embedding")
+    results = run_chain(str(random_generator), str(classifier), str(catalogue), "a 7 at the top left", n=3, seed=4,
+                        k=4)
+    assert [r.seed for r in results] == [4, 5, 6]
+    cat = Catalogue(str(catalogue))
+    assert len(cat) == 1797
+    from PIL import Image
+    import io
+
+    images = [np.asarray(Image.open(io.BytesIO(r.png)).convert("RGB")) for r in results]
+    probs = Predictor.from_export(classifier).probabilities(images)
+    emb = np.stack(Predictor.from_export(classifier, outputs="embedding").predict(images))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    for r, p, e in zip(results, probs, emb):
+        assert r.label == int(np.argmax(p)) and r.name == str(r.label) and abs(r.score - p.max()) < 1e-5
+        sims = cat.vectors @ e
+        assert [x.id for x in r.lookalikes] == [cat.ids[j] for j in np.argsort(-sims, kind="stable")[:4]]
+        assert all(abs(x.similarity - sims[cat.ids.index(x.id)]) < 1e-4 for x in r.lookalikes)
+        hit = r.lookalikes[0]
+        t = pq.read_table(hit.source, columns=["id", "image"])
+        assert hit.image == t.filter(pc.equal(t.column("id"), hit.id)).column("image")[0].as_py()
+
+    out = tmp_path / "out"
+    res = cli("generate", "a 7 at the top left", "--model", str(random_generator), "--classify", str(classifier),
+              "--catalogue", str(catalogue), "--k", "2", "--n", "1", "--seed", "4", "-o", str(out), timeout=180)
+    assert res.returncode == 0, res.stderr
+    rec = json.loads((out / "generated.jsonl").read_text().splitlines()[0])
+    assert (rec["label"], [x["id"] for x in rec["lookalikes"]]) == (results[0].label,
+                                                                     [x.id for x in results[0].lookalikes[:2]])
+    assert (out / rec["lookalikes"][0]["file"]).read_bytes() == results[0].lookalikes[0].image
+    res = cli("generate", "a 7", "--model", str(random_generator), "--catalogue", str(tmp_path / "cls"), "-o",
+              str(tmp_path / "x"), timeout=120)
+    assert res.returncode == 2 and "not a `vitray embed` output" in res.stderr, res.stderr

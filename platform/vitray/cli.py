@@ -383,34 +383,48 @@ def cmd_generate(args) -> int:
     import re
 
     from vitray import console
-    from vitray.tasks.generation.generator import GenerateError, Generator, png_bytes
-    from vitray.tracking.uris import resolve_model_uri
+    from vitray.chain import CatalogueError, run_chain
+    from vitray.tasks.generation.generator import GenerateError
 
     if args.n < 1:
         raise UsageError(f"--n {args.n}: at least 1")
-    export = resolve_model_uri(args.model, args.tracking_uri)
+    if args.k < 1:
+        raise UsageError(f"--k {args.k}: at least 1")
     try:
-        gen = Generator(export, device=args.device)
-        images = gen.generate([args.prompt] * args.n, list(range(args.seed, args.seed + args.n)), steps=args.steps,
-                              guidance=args.guidance)
-    except GenerateError as err:
+        results = run_chain(args.model, args.classify, args.catalogue, args.prompt, n=args.n, seed=args.seed, k=args.k,
+                            steps=args.steps, guidance=args.guidance, tracking_uri=args.tracking_uri,
+                            device=args.device)
+    except (GenerateError, CatalogueError) as err:
         raise UsageError(str(err)) from None
     out = Path(args.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:48] or "image"
     records = []
-    for k, image in enumerate(images):
-        path = out / f"{slug}-seed{args.seed + k}.png"
-        path.write_bytes(png_bytes(image))
-        records.append({"file": path.name, "prompt": args.prompt, "seed": args.seed + k})
-    steps, guidance = gen.check(args.prompt, args.steps, args.guidance)
+    for r in results:
+        name = f"{slug}-seed{r.seed}"
+        (out / f"{name}.png").write_bytes(r.png)
+        record = {"file": f"{name}.png", **r.to_json(), "model": args.model}
+        for rank, hit in enumerate(r.lookalikes):
+            if hit.image:
+                ext = "png" if hit.image[:4] == b"\x89PNG" else "jpg"
+                path = out / "lookalikes" / f"{name}-{rank + 1}.{ext}"
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(hit.image)
+                record["lookalikes"][rank]["file"] = str(path.relative_to(out))
+        records.append(record)
+        line = f"{out / record['file']}"
+        if r.name is not None:
+            line += f"  label {r.name!r} (p={r.score:.2f})"
+        if r.lookalikes:
+            line += "  look-alikes " + ", ".join(f"{x.id} ({x.similarity:.2f})" for x in r.lookalikes)
+        print(line)
     with open(out / "generated.jsonl", "a") as f:
-        for r in records:
-            f.write(json.dumps({**r, "steps": steps, "guidance": guidance, "model": args.model}) + "\n")
-    console.say(f"[vitray] generated {len(records)} image(s) for {args.prompt!r} (seeds {args.seed}.."
-                f"{args.seed + args.n - 1}, {steps} steps, guidance {guidance:g}) into {out}")
-    for r in records:
-        print(out / r["file"])
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")
+    what = " and labelled" if args.classify else ""
+    what += f", with the {args.k} nearest of {args.catalogue}" if args.catalogue else ""
+    console.say(f"[vitray] generated{what} {len(records)} image(s) for {args.prompt!r} (seeds {args.seed}.."
+                f"{args.seed + args.n - 1}) into {out}")
     return 0
 
 
@@ -709,6 +723,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's; "
                                                                 "0 ignores the prompt)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs and generated.jsonl")
+    p.add_argument("--classify", default=None, metavar="URI", help="also label each image with this classifier")
+    p.add_argument("--catalogue", default=None, metavar="DIR", help="also find each image's nearest real images in "
+                                                                     "this `vitray embed` output")
+    p.add_argument("--k", type=int, default=5, help="look-alikes per image (default 5)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--tracking-uri", dest="tracking_uri", default=None,
                    help="MLflow tracking URI for models:/ URIs (default: $MLFLOW_TRACKING_URI, else the embedded "
