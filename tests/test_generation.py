@@ -392,3 +392,25 @@ def test_the_chain_labels_generated_images_and_finds_their_nearest_real_images(r
     res = cli("generate", "a 7", "--model", str(random_generator), "--catalogue", str(tmp_path / "cls"), "-o",
               str(tmp_path / "x"), timeout=120)
     assert res.returncode == 2 and "not a `vitray embed` output" in res.stderr, res.stderr
+
+
+def test_a_label_conditioned_generator_trains_and_samples_the_class_a_prompt_names():
+    """The class-id condition (generation.condition: label): the DiT gets an embedding table of num_classes + 1
+    rows, a step lowers nothing to NaN, and prompts map to the class they name ("a 3", "a large 3 at the top")."""
+    from vitray.config import parse_config
+    from vitray.tasks.generation.train import GenerationTask
+
+    cfg = parse_config({"model": {"name": "vit_pico_patch4_32", "img_size": 32, "num_classes": 4},
+                        "train": {"task": "generation"}, "generation": {"condition": "label", "sample_steps": 2}})
+    task = GenerationTask(cfg, ["0", "1", "2", "3"])
+    model = task.build_model()
+    assert model.c_embedder.embedding_table.num_embeddings == 5 and model.arch.cond_dim == 0
+    task.setup(torch.device("cpu"), torch.float32)
+    batch = {"image": torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), "label": torch.tensor([0, 1, 2, 3, 0, 1]),
+             "caption": torch.zeros(6, CAPTION_BYTES, dtype=torch.uint8)}
+    loss = task.training_loss(model, batch, torch.float32)
+    loss.backward()
+    assert torch.isfinite(loss) and model.final_layer.linear.weight.grad.abs().sum() > 0
+    assert torch.equal(task.condition(batch), batch["label"])
+    images = task.generate(model, ["a 3", "a large 3 at the top", "a 1"], seed=0)
+    assert images.shape == (3, 3, 32, 32)

@@ -60,7 +60,7 @@ def test_a_task_without_a_layer_says_what_it_can_do(monkeypatch):
     with pytest.raises(ConfigError, match=r"train\.task: unknown task 'inpainting' \(known: classification"):
         parse_config({"train": {"task": "inpainting"}})
     gen = parse_config({"train": {"task": "generation"}})  # a sampling task: EMA on unless train.ema is given
-    assert gen.train.ema.enabled and gen.train.ema.decay == 0.999
+    assert gen.train.ema.enabled and gen.train.ema.decay == 0.999 and gen.train.ema.warmup
     assert not parse_config({"train": {"task": "generation", "ema": {"enabled": False}}}).train.ema.enabled
     cfg = parse_config({"train": {"task": "segmentation"}})  # "auto" metrics follow the task
     assert (cfg.cluster.checkpoint_score_metric, cfg.tracking.promotion_metric) == ("val/miou", "val/miou")

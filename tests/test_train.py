@@ -258,6 +258,16 @@ def test_weight_ema_math():
     ema.restore(m, own)
     assert torch.allclose(m.weight, torch.full((1, 2), 3.0))
 
+    warm = WeightEma(m, decay=0.99, warmup=True)  # from 3: decay 1/10, then 2/11, ... capped at 0.99
+    torch.nn.init.constant_(m.weight, 13.0)
+    warm.update(m)  # 0.1 * 3 + 0.9 * 13
+    assert torch.allclose(warm.shadow["weight"], torch.full((1, 2), 12.0)) and warm.current_decay() == 2 / 11
+    state = warm.state_dict()
+    again = WeightEma(m, decay=0.99, warmup=True)
+    again.load_state_dict(state)  # a resumed run continues the warmup where it was
+    assert again.updates == 1 and torch.equal(again.shadow["weight"], warm.shadow["weight"])
+    assert set(again.shadow) == {"weight"}
+
 
 def test_ema_with_zero3_is_a_config_error(digits, tmp_path):
     from vitray.config import ConfigError, check_config

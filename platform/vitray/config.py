@@ -112,6 +112,8 @@ class DataConfig(_Section):
 class EmaConfig(_Section):
     enabled: bool = False
     decay: float = Field(0.9998, gt=0.0, lt=1.0)
+    warmup: bool = Field(False, description="the n-th update averages with min(decay, (1 + n) / (10 + n)): a short "
+                                            "run's average forgets the initial weights")
 
 
 class DistillationConfig(_Section):
@@ -512,7 +514,8 @@ class RunConfig(_Section):
         if self.tracking.promotion_mode == "auto":
             self.tracking.promotion_mode = info.mode
         if info.ema_decay is not None and "ema" not in self.train.model_fields_set:
-            self.train.ema = EmaConfig(enabled=True, decay=info.ema_decay)  # the task samples from averaged weights
+            # the task samples from averaged weights
+            self.train.ema = EmaConfig(enabled=True, decay=info.ema_decay, warmup=True)
         return self
 
     def task_options(self):

@@ -174,7 +174,7 @@ class _Worker:
         if cfg.train.ema.enabled:
             from .ema import WeightEma
 
-            self.ema = WeightEma(self.engine.module, cfg.train.ema.decay)
+            self.ema = WeightEma(self.engine.module, cfg.train.ema.decay, warmup=cfg.train.ema.warmup)
         if meta is not None:
             self._restore(meta)
         # randomness that differs per rank (drop path, mixup) but is reproducible from a checkpoint
@@ -480,7 +480,7 @@ class _Worker:
 
         state = gather_fp32_state_dict(self.engine)
         if self.ema is not None:  # with EMA on, the export is the averaged model (as DeiT reports it)
-            state.update({k: v.clone() for k, v in self.ema.state_dict().items()})
+            state.update({k: v.clone() for k, v in self.ema.shadow.items()})
         if self.is_rank0:
             extra = {"mlflow_run_id": self.tracking["run_id"], "mlflow_tracking_uri": self.tracking["tracking_uri"]} \
                 if self.tracking else {}
