@@ -244,6 +244,15 @@ def test_post_v1_generate_batches_concurrent_requests_and_answers_bad_ones_with_
         pyfunc = mlflow.pyfunc.load_model("models:/gen@champion")
     frame = pyfunc.predict(pd.DataFrame({"prompt": prompts[:3], "seed": [100, 101, 102]}))
     assert list(frame["image"]) == expected[:3] and list(frame["seed"]) == [100, 101, 102]
+    from conftest import run_cli  # `vitray generate` without --model: the one registered generator's champion
+
+    res = run_cli("generate", prompts[0], "--seed", "100", "--n", "1", "-o", str(tmp_path / "cli"), "--tracking-uri", uri,
+                  timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert next((tmp_path / "cli").glob("*.png")).read_bytes() == expected[0]
+    res = run_cli("generate", "a 3", "-o", str(tmp_path / "none"), "--tracking-uri", f"sqlite:///{tmp_path}/empty.db",
+                  timeout=120)
+    assert res.returncode == 2 and "no registered generator" in res.stderr, res.stderr
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

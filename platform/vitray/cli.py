@@ -378,6 +378,25 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _registered_generator(tracking_uri: str | None) -> str:
+    """``models:/NAME@champion`` of the one registered model whose champion is a generator."""
+    from vitray.tracking import default_tracking_uri
+    from vitray.tracking.uris import client_for
+
+    uri = default_tracking_uri(tracking_uri)
+    client = client_for(uri)
+    found = []
+    for rm in client.search_registered_models(max_results=1000):
+        if "champion" in (rm.aliases or {}):
+            mv = client.get_model_version_by_alias(rm.name, "champion")
+            if (mv.tags or {}).get("vitray.task") == "generation":
+                found.append(rm.name)
+    if len(found) != 1:
+        raise UsageError(f"--model: {'no' if not found else 'more than one'} registered generator with a champion in "
+                         f"{uri}{' (' + ', '.join(found) + ')' if found else ''}; pass --model URI")
+    return f"models:/{found[0]}@champion"
+
+
 def cmd_generate(args) -> int:
     import json
     import re
@@ -388,6 +407,8 @@ def cmd_generate(args) -> int:
 
     if args.n < 1:
         raise UsageError(f"--n {args.n}: at least 1")
+    if not args.model:
+        args.model = _registered_generator(args.tracking_uri)
     if args.k < 1:
         raise UsageError(f"--k {args.k}: at least 1")
     try:
@@ -715,8 +736,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="images for a text prompt from a generator (train.task: generation)")
     p.add_argument("prompt", metavar="PROMPT", help="what to draw, e.g. 'a large 7 at the top left'")
-    p.add_argument("--model", required=True, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... "
-                                                                  "or an export folder")
+    p.add_argument("--model", default=None, metavar="URI", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/... "
+                                                                 "or an export folder (default: the champion of the "
+                                                                 "one registered generator)")
     p.add_argument("--n", type=int, default=4, help="images (seeds SEED, SEED+1, ...; default 4)")
     p.add_argument("--seed", type=int, default=0, help="the first seed (default 0): the same seed, the same image")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the model's)")
