@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -175,14 +174,12 @@ def score_prompts(model_uri: str, input_path: str, output: str, *, batch_size: i
     """Draw an image for every prompt row of ``input_path`` into ``output`` (see the module docstring); returns the
     :class:`vitray.batch.score.ScoreSummary` (images = prompts)."""
     import tempfile
-    from pathlib import Path
 
     import ray
 
     from vitray.batch.score import JOB_FILE, LOG_DIR, SUMMARY_FILE, ScoreSummary, _count_output, _export_digest, \
-        _parts, _track, _write_json
+        _parts, _track, _write_json, done_units, prepare_output, start_ray, write_units
     from vitray.config import TrackingConfig
-    from vitray.export_format import read_export_meta
     from vitray.tracking.uris import default_tracking_uri, pin_model_uri, resolve_model_uri
     from vitray.watchdog import watched
 
@@ -190,20 +187,12 @@ def score_prompts(model_uri: str, input_path: str, output: str, *, batch_size: i
     tracking_uri = default_tracking_uri(tracking_cfg.uri)
     units, fingerprint = discover_prompts(input_path, rows_per_unit)
     total = sum(u.rows for u in units)
-    if storage.is_uri(output):
-        storage.check(output, "--output", write=True)
-        out = output.rstrip("/")
-    else:
-        local = Path(output).expanduser()
-        if local.exists() and not local.is_dir():
-            raise InputError(f"output {output}: exists and is not a folder")
-        local.mkdir(parents=True, exist_ok=True)
-        out = str(local)
+    out = prepare_output(output)
     with console.log_to(storage.join(out, LOG_DIR, f"generate-{time.strftime('%Y%m%d-%H%M%S')}.log")) as log_path:
         pin = pin_model_uri(model_uri, tracking_uri)
         with tempfile.TemporaryDirectory(prefix="vitray-generate-meta-") as tmp:
             folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
-            meta, digest = read_export_meta(folder), _export_digest(folder)
+            digest = _export_digest(folder)
         job_path = storage.join(out, JOB_FILE)
         if storage.is_file(job_path) and not overwrite:
             job = json.loads(storage.read_text(job_path))
@@ -223,27 +212,14 @@ def score_prompts(model_uri: str, input_path: str, output: str, *, batch_size: i
                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             _write_json(job_path, job)
             pin = job["model"]
-        if storage.is_uri(out):
-            storage.delete_tmp(out)
-        else:
-            for stale in Path(out).glob(".part-*.tmp"):
-                stale.unlink()
-        done = {storage.basename(f)[len("part-"):-len(".parquet")] for f in _parts(out)}
+        done = done_units(out)
         pending = [u for u in units if u.key not in done]
         print(f"[vitray] generating {total:,} images for the prompts of {input_path} in {len(units)} units; "
               f"{len(units) - len(pending)} units already done; model {pin['uri']}", flush=True)
         t0 = time.time()
         rows_now = 0
-        started = False
         if pending:
-            if not ray.is_initialized():
-                if address:
-                    ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage.forwarded_env()})
-                else:
-                    cores = os.cpu_count() or 1
-                    ray.init(num_cpus=cores + max(2, int(cpus_per_actor * concurrency)), include_dashboard=False,
-                             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
-                    started = True
+            started = start_ray(address, concurrency, cpus_per_actor)
             bar = console.progress("generate", total=sum(u.rows for u in pending), unit="images")
             try:
                 import ray.data
@@ -257,24 +233,10 @@ def score_prompts(model_uri: str, input_path: str, output: str, *, batch_size: i
                                     fn_constructor_kwargs={"model_uri": pin["uri"], "tracking_uri": tracking_uri,
                                                            "use_gpu": use_gpu, "width": batch_size})
                 expected = {u.key: u.rows for u in pending}
-                parts: dict[str, list[dict]] = {}
-                counts: dict[str, int] = {}
-                seen = 0
-                t_start = time.perf_counter()
                 batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-                for batch in watched(batches, stall_timeout_s, what="generation batch",
-                                     fields="score.concurrency or score.cpus_per_actor"):
-                    for key in np.unique(batch["unit"]):
-                        sel = batch["unit"] == key
-                        parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})
-                        counts[key] = counts.get(key, 0) + int(sel.sum())
-                        if counts[key] >= expected[key]:
-                            rows_now += _write_unit(out, key, parts.pop(key), expected[key], pin)
-                    seen += len(batch["id"])
-                    rate = seen / max(time.perf_counter() - t_start, 1e-9)
-                    bar.update(seen, eta_s=(bar.total - seen) / max(rate, 1e-9), **{"": f"{rate:.1f} img/s"})
-                for key, chunks in parts.items():
-                    rows_now += _write_unit(out, key, chunks, expected[key], pin)
+                rows_now = write_units(watched(batches, stall_timeout_s, what="generation batch",
+                                               fields="score.concurrency or score.cpus_per_actor"), expected,
+                                       lambda key, chunks: _write_unit(out, key, chunks, expected[key], pin), bar)
             finally:
                 bar.close()
                 if started:

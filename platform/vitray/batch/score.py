@@ -144,6 +144,71 @@ def _write_json(path: str, data: dict) -> None:
     storage.write_text(path, json.dumps(data, indent=1))
 
 
+def prepare_output(output: str) -> str:
+    """The output folder or object store prefix, created or checked writable (InputError otherwise)."""
+    if storage.is_uri(output):
+        storage.check(output, "--output", write=True)
+        return output.rstrip("/")
+    local = Path(output).expanduser()
+    if local.exists() and not local.is_dir():
+        raise InputError(f"output {output}: exists and is not a folder")
+    local.mkdir(parents=True, exist_ok=True)
+    return str(local)
+
+
+def done_units(out: str) -> set[str]:
+    """The keys of the units already written. A unit being written when an earlier run died is never read and
+    is cleared here."""
+    if storage.is_uri(out):
+        storage.delete_tmp(out)
+    else:
+        for stale in Path(out).glob(".part-*.tmp"):
+            stale.unlink()
+    return {storage.basename(f)[len("part-"):-len(".parquet")] for f in _parts(out)}
+
+
+def start_ray(address: str | None, concurrency: int, cpus_per_actor: float) -> bool:
+    """Connect to ``address`` or start a local Ray sized for the job (True: started here, shut down by the caller).
+    The workers' output comes to the driver: into the job's log file (vitray.console), not the console."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:  # object storage credentials and endpoint reach the workers (a local Ray inherits them)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage.forwarded_env()})
+        return False
+    # a local Ray: the actors' threads and the read/decode tasks share the cores, as in training
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores + max(2, int(cpus_per_actor * concurrency)), include_dashboard=False,
+             _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
+    return True
+
+
+def write_units(batches, expected: dict[str, int], write, bar) -> int:
+    """Regroup a stream of batches (rows of many units, in any order) by their ``unit`` column and ``write(key,
+    chunks)`` each unit as soon as all its ``expected`` rows have arrived (its memory freed); the units still open
+    when the stream ends are written then (``write`` checks they are complete). Returns the rows written."""
+    parts: dict[str, list[dict]] = {}
+    counts: dict[str, int] = {}
+    written = seen = units_done = 0
+    t_start = time.perf_counter()  # rows/s as the summary counts them: the actors' start-up included
+    for batch in batches:
+        for key in np.unique(batch["unit"]):
+            sel = batch["unit"] == key
+            parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})
+            counts[key] = counts.get(key, 0) + int(sel.sum())
+            if counts[key] >= expected[key]:  # complete: write it now, free the memory
+                written += write(key, parts.pop(key))
+                units_done += 1
+        seen += len(batch["id"])
+        rate = seen / max(time.perf_counter() - t_start, 1e-9)
+        bar.update(seen, eta_s=(bar.total - seen) / max(rate, 1e-9),
+                   **{"": f"{rate:.1f} img/s", "units": f"{units_done}/{len(expected)}"})
+    for key, chunks in parts.items():  # the stream has ended: the rest must be complete too (checked)
+        written += write(key, chunks)
+    return written
+
+
 def _parts(out: str) -> list[str]:
     """The complete units of an output (a local folder or an object store prefix), sorted."""
     return [p for p, _ in storage.list_files(out) if storage.basename(p).startswith("part-")
@@ -265,15 +330,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
                              use_gpu=use_gpu, cpus_per_actor=cpus_per_actor, tracking_cfg=tracking_cfg,
                              overwrite=overwrite, address=address, stall_timeout_s=stall_timeout_s)
     inp = discover(input_path, fmt, image_column=image_column, files_per_unit=files_per_unit)
-    if storage.is_uri(output):
-        storage.check(output, "--output", write=True)
-        out = output.rstrip("/")
-    else:
-        local = Path(output).expanduser()
-        if local.exists() and not local.is_dir():
-            raise InputError(f"output {output}: exists and is not a folder")
-        local.mkdir(parents=True, exist_ok=True)
-        out = str(local)
+    out = prepare_output(output)
     with console.log_to(storage.join(out, LOG_DIR, f"score-{time.strftime('%Y%m%d-%H%M%S')}.log")) as log_path:
         job = _job(out, inp, pin_model_uri(model_uri, tracking_uri), overwrite, outputs, runtime)
         pin = job["model"]
@@ -306,13 +363,7 @@ def score(model_uri: str, input_path: str, output: str, *, batch_size: int = 64,
         # on GPUs "auto" is resolved by each actor on its own device (the driver may have no GPU)
         device_precision = (precision if use_gpu and precision == "auto"
                             else resolve_precision(precision, "cpu", runtime))
-        # a unit being written when an earlier run died: never read, cleared here
-        if storage.is_uri(out):
-            storage.delete_tmp(out)
-        else:
-            for stale in Path(out).glob(".part-*.tmp"):
-                stale.unlink()
-        done = {storage.basename(f)[len("part-"):-len(".parquet")] for f in _parts(out)}
+        done = done_units(out)
         pending = [u for u in inp.units if u.key not in done]
         print(f"[vitray] scoring {inp.rows:,} images in {len(inp.units)} units from {inp.root} ({inp.format}); "
               f"{len(inp.units) - len(pending)} units already done; model {pin['uri']} ({device_precision})", flush=True)
@@ -385,15 +436,7 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
 
     started = False
     ctx = saved_order = saved_bars = None
-    if not ray.is_initialized():
-        # the workers' output comes to the driver: into this job's log file (vitray.console), not the console
-        if address:  # object storage credentials and endpoint reach the workers (a local Ray inherits them)
-            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": storage.forwarded_env()})
-        else:  # a local Ray: the actor's threads and the decode tasks share the cores, as in training
-            cores = os.cpu_count() or 1
-            ray.init(num_cpus=cores + max(2, int(cpus_per_actor * concurrency)), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=False)
-            started = True
+    started = start_ray(address, concurrency, cpus_per_actor)
     bar = None
     try:
         # the predictor actors hold their CPUs for the whole job; the read/decode tasks need at least one more
@@ -420,28 +463,12 @@ def _run_pipeline(pending: list[Unit], pin: dict, meta: dict, tracking_uri: str,
                                                    "precision": precision, "options": options, "use_gpu": use_gpu})
         schema = output_schema(head, options)
         expected = {u.key: u.rows for u in pending}
-        parts: dict[str, list[dict]] = {}
-        counts: dict[str, int] = {}
-        written = seen = units_done = 0
         bar = console.progress("score", total=sum(expected.values()), unit="images")
-        t_start = time.perf_counter()  # images/s as the summary counts them: the actors' start-up included
         batches = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2)
-        for batch in watched(batches, stall_timeout_s, what="prediction batch",
-                             fields="score.concurrency or score.cpus_per_actor"):
-            for key in np.unique(batch["unit"]):
-                sel = batch["unit"] == key
-                parts.setdefault(key, []).append({k: v[sel] for k, v in batch.items() if k != "unit"})
-                counts[key] = counts.get(key, 0) + int(sel.sum())
-                if counts[key] >= expected[key]:  # complete: write it now, free the memory
-                    written += _write_unit(out, key, parts.pop(key), expected[key], head, meta, pin, schema)
-                    units_done += 1
-            seen += len(batch["id"])
-            rate = seen / max(time.perf_counter() - t_start, 1e-9)
-            bar.update(seen, eta_s=(bar.total - seen) / max(rate, 1e-9),
-                       **{"": f"{rate:.0f} img/s", "units": f"{units_done}/{len(pending)}"})
-        for key, chunks in parts.items():  # the stream has ended: the rest must be complete too (checked)
-            written += _write_unit(out, key, chunks, expected[key], head, meta, pin, schema)
-        return written
+        return write_units(watched(batches, stall_timeout_s, what="prediction batch",
+                                   fields="score.concurrency or score.cpus_per_actor"), expected,
+                           lambda key, chunks: _write_unit(out, key, chunks, expected[key], head, meta, pin, schema),
+                           bar)
     finally:
         if bar is not None:
             bar.close()
