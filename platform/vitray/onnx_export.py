@@ -144,7 +144,15 @@ def export_onnx(source: str, output: str | Path, *, int8: bool = False, opset: i
         raise FileExistsError(f"output {output}: exists and is not empty (use --overwrite)")
     pin = pin_model_uri(source, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="vitray-onnx-src-") as tmp:
-        model, meta = load_export(resolve_model_uri(pin["uri"], tracking_uri, dest=tmp))
+        folder = resolve_model_uri(pin["uri"], tracking_uri, dest=tmp)
+        from vitray.export_format import read_export_meta
+        from vitray.tasks import TASKS
+
+        task = read_export_meta(folder)["task"]
+        if task in TASKS and TASKS[task].inputs != "image":  # an image-in graph is what the ONNX runtimes run
+            raise ExportError(f"model {source}: a {task} model takes {TASKS[task].inputs}s; ONNX export covers "
+                              "models that take images")
+        model, meta = load_export(folder)
     model = model.float().eval()
     s = int(meta["preprocessing"]["img_size"])
     if out.exists():
