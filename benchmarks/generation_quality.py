@@ -3,7 +3,7 @@ digit its prompt asked for (conditional accuracy, against the same classifier's 
 how far are the samples from real images in the classifier's features (Frechet distance, against the distance
 between two halves of the real val set and against pure noise).
 
-    python benchmarks/generation_quality.py                  # the README's table (about 25 min on 2 cores)
+    python benchmarks/generation_quality.py                  # the README's table (about 35 min on 2 cores)
     python benchmarks/generation_quality.py --epochs 3       # a quick look
 
 Data: scikit-learn's bundled digits (1,797 real 8x8 scans shipped inside the package), split once (seeded,
