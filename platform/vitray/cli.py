@@ -380,6 +380,7 @@ def cmd_score(args) -> int:
 
 def _registered_generator(tracking_uri: str | None) -> str:
     """``models:/NAME@champion`` of the one registered model whose champion is a generator."""
+    from vitray.tasks import TASKS
     from vitray.tracking import default_tracking_uri
     from vitray.tracking.uris import client_for
 
@@ -389,7 +390,8 @@ def _registered_generator(tracking_uri: str | None) -> str:
     for rm in client.search_registered_models(max_results=1000):
         if "champion" in (rm.aliases or {}):
             mv = client.get_model_version_by_alias(rm.name, "champion")
-            if (mv.tags or {}).get("vitray.task") == "generation":
+            task = (mv.tags or {}).get("vitray.task")
+            if task in TASKS and TASKS[task].inputs == "prompt":  # a model that takes prompts: a generator
                 found.append(rm.name)
     if len(found) != 1:
         raise UsageError(f"--model: {'no' if not found else 'more than one'} registered generator with a champion in "

@@ -402,8 +402,11 @@ def _takes_prompts(model_uri: str, tracking_uri: str) -> bool:
     from vitray.tasks import TASKS
     from vitray.tracking.uris import resolve_model_uri
 
-    with tempfile.TemporaryDirectory(prefix="vitray-score-task-") as tmp:
-        task = read_export_meta(resolve_model_uri(model_uri, tracking_uri, dest=tmp))["task"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="vitray-score-task-") as tmp:
+            task = read_export_meta(resolve_model_uri(model_uri, tracking_uri, dest=tmp))["task"]
+    except Exception:  # noqa: BLE001 - not a model it can read: the scoring path checks its input, then says why
+        return False
     return task in TASKS and TASKS[task].inputs == "prompt"
 
 
