@@ -113,10 +113,12 @@ class Generator:
 
         if len(prompts) != len(seeds):
             raise GenerateError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        steps, guidance = self.check(prompts[0] if prompts else "x", steps, guidance) if prompts else (1, 1.0)
-        for p in prompts:
-            self.check(p, steps, guidance)
         c, s = int(self.arch["in_chans"]), int(self.arch["img_size"])
+        if not prompts:
+            return np.zeros((0, s, s, 3), dtype=np.uint8)
+        steps, guidance = self.check(prompts[0], steps, guidance)
+        for p in prompts[1:]:
+            self.check(p, steps, guidance)
         out = []
         for i in range(0, len(prompts), self.width):
             chunk, chunk_seeds = prompts[i:i + self.width], seeds[i:i + self.width]
@@ -127,4 +129,4 @@ class Generator:
             x = sample(self.model, cond, (c, s, s), steps=steps, guidance=guidance, noise=noise)[:len(chunk)]
             img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             out.append(np.repeat(img, 3, axis=-1) if c == 1 else img)
-        return np.concatenate(out) if out else np.zeros((0, s, s, 3), dtype=np.uint8)
+        return np.concatenate(out)
